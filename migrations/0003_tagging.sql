@@ -1,0 +1,554 @@
+-- Session tagging: model short ids, per-user-per-model counters, tag generation, the
+-- conversation trigger and the tagging functions. Applied again after a rollback, it
+-- puts back the short ids, session numbers and counters kept in sessiontag_archive.
+-- depends: 0002_session_tag
+
+ALTER TABLE sessiontag.llm_models ADD COLUMN short_id text;
+ALTER TABLE sessiontag.conversations ADD COLUMN session_counter bigint CHECK (session_counter > 0);
+
+DO $$
+BEGIN
+    IF to_regclass('sessiontag_archive.session_counters') IS NOT NULL THEN
+        ALTER TABLE sessiontag_archive.session_counters SET SCHEMA sessiontag;
+    END IF;
+END
+$$;
+
+CREATE TABLE IF NOT EXISTS sessiontag.session_counters (
+    user_id    uuid   NOT NULL,
+    model_id   uuid   NOT NULL REFERENCES sessiontag.llm_models (id),
+    last_value bigint NOT NULL CHECK (last_value >= 0),
+    PRIMARY KEY (user_id, model_id)
+);
+COMMENT ON TABLE sessiontag.session_counters IS 'Last session number taken per (user, model); written only by sessiontag functions';
+
+DO $$
+BEGIN
+    IF to_regclass('sessiontag_archive.llm_models_short_id') IS NOT NULL THEN
+        UPDATE sessiontag.llm_models m SET short_id = a.short_id
+        FROM sessiontag_archive.llm_models_short_id a WHERE m.id = a.id;
+        DROP TABLE sessiontag_archive.llm_models_short_id;
+    END IF;
+    IF to_regclass('sessiontag_archive.conversations_session_counter') IS NOT NULL THEN
+        UPDATE sessiontag.conversations c SET session_counter = a.session_counter
+        FROM sessiontag_archive.conversations_session_counter a
+        WHERE c.user_id = a.user_id AND c.id = a.id;
+        DROP TABLE sessiontag_archive.conversations_session_counter;
+    END IF;
+    IF to_regnamespace('sessiontag_archive') IS NOT NULL
+       AND NOT EXISTS (SELECT FROM pg_class WHERE relnamespace = to_regnamespace('sessiontag_archive')) THEN
+        DROP SCHEMA sessiontag_archive;
+    END IF;
+END
+$$;
+
+CREATE FUNCTION sessiontag._next_free_short_id(model_id uuid)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    hex text := replace(_next_free_short_id.model_id::text, '-', '');
+    len integer;
+BEGIN
+    -- Serialize assignments, so two models sharing a prefix cannot both take it.
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('sessiontag.llm_models.short_id'));
+    FOR len IN 6..32 LOOP
+        IF NOT EXISTS (SELECT FROM sessiontag.llm_models m WHERE m.short_id = left(hex, len)) THEN
+            RETURN left(hex, len);
+        END IF;
+    END LOOP;
+    RAISE EXCEPTION 'model id % is already registered', _next_free_short_id.model_id
+        USING ERRCODE = 'unique_violation';
+END
+$$;
+
+-- Models registered before this migration get their short ids in order of creation.
+DO $$
+DECLARE
+    m record;
+BEGIN
+    FOR m IN SELECT id FROM sessiontag.llm_models WHERE short_id IS NULL ORDER BY created_at, id LOOP
+        UPDATE sessiontag.llm_models SET short_id = sessiontag._next_free_short_id(m.id) WHERE id = m.id;
+    END LOOP;
+END
+$$;
+ALTER TABLE sessiontag.llm_models ALTER COLUMN short_id SET NOT NULL;
+ALTER TABLE sessiontag.llm_models ADD CONSTRAINT llm_models_short_id_key UNIQUE (short_id);
+ALTER TABLE sessiontag.llm_models ADD CONSTRAINT llm_models_short_id_check CHECK (short_id ~ '^[0-9a-f]{6,32}$');
+
+-- Counters continue after the highest number any conversation holds.
+INSERT INTO sessiontag.session_counters AS s (user_id, model_id, last_value)
+SELECT user_id, llm_model_id, max(session_counter)
+FROM sessiontag.conversations
+WHERE session_counter IS NOT NULL AND llm_model_id IS NOT NULL
+GROUP BY user_id, llm_model_id
+ON CONFLICT (user_id, model_id) DO UPDATE SET last_value = greatest(s.last_value, excluded.last_value);
+
+-- Trigger: assigns short_id on insert and keeps id and short_id fixed afterwards.
+CREATE FUNCTION sessiontag._llm_models_short_id()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        IF NEW.id IS NULL THEN
+            RAISE EXCEPTION 'id must not be NULL' USING ERRCODE = 'not_null_violation';
+        END IF;
+        IF NEW.short_id IS NOT NULL THEN
+            RAISE EXCEPTION 'short_id is assigned by sessiontag and cannot be given'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        NEW.short_id := sessiontag._next_free_short_id(NEW.id);
+    ELSIF NEW.id IS DISTINCT FROM OLD.id OR NEW.short_id IS DISTINCT FROM OLD.short_id THEN
+        RAISE EXCEPTION 'the id and short_id of a model never change (model %)', OLD.id
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER _100_short_id
+    BEFORE INSERT OR UPDATE OF id, short_id ON sessiontag.llm_models
+    FOR EACH ROW EXECUTE FUNCTION sessiontag._llm_models_short_id();
+
+-- Registers a model; registering again with the same (owner_id, model_key) returns the
+-- existing id. model_key defaults to name.
+CREATE FUNCTION sessiontag.register_model(
+    name text,
+    provider text DEFAULT NULL,
+    model_key text DEFAULT NULL,
+    owner_id uuid DEFAULT NULL,
+    id uuid DEFAULT NULL
+)
+RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    key text := coalesce(register_model.model_key, register_model.name);
+    result uuid;
+BEGIN
+    IF register_model.name IS NULL OR btrim(register_model.name) = '' THEN
+        RAISE EXCEPTION 'name must not be NULL or empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF length(register_model.name) > 200 THEN
+        RAISE EXCEPTION 'name is longer than 200 characters' USING ERRCODE = 'string_data_right_truncation';
+    END IF;
+    IF btrim(key) = '' OR length(key) > 200 THEN
+        RAISE EXCEPTION 'model_key must be 1 to 200 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF length(register_model.provider) > 200 THEN
+        RAISE EXCEPTION 'provider is longer than 200 characters' USING ERRCODE = 'string_data_right_truncation';
+    END IF;
+
+    INSERT INTO sessiontag.llm_models AS m (id, owner_id, name, provider, model_key)
+    VALUES (coalesce(register_model.id, gen_random_uuid()), register_model.owner_id,
+            register_model.name, register_model.provider, key)
+    ON CONFLICT ON CONSTRAINT llm_models_owner_id_model_key_key DO NOTHING
+    RETURNING m.id INTO result;
+
+    IF result IS NULL THEN
+        SELECT m.id INTO result
+        FROM sessiontag.llm_models m
+        WHERE m.model_key = key AND m.owner_id IS NOT DISTINCT FROM register_model.owner_id;
+    END IF;
+    RETURN result;
+EXCEPTION WHEN unique_violation THEN
+    RAISE EXCEPTION 'id % is already registered for another model', register_model.id
+        USING ERRCODE = 'unique_violation';
+END
+$$;
+
+-- The owner's own model first, then a shared one; NULL when none.
+CREATE FUNCTION sessiontag.model_id(model_key text, owner_id uuid DEFAULT NULL)
+RETURNS uuid
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT m.id
+    FROM sessiontag.llm_models m
+    WHERE m.model_key = model_id.model_key
+      AND (m.owner_id = model_id.owner_id OR m.owner_id IS NULL)
+    ORDER BY m.owner_id IS NULL
+    LIMIT 1
+$$;
+
+-- Turns tagging on or off for a model's new conversations; returns the new state.
+CREATE FUNCTION sessiontag.set_model_tracking(model_id uuid, tracked boolean)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    result boolean;
+BEGIN
+    IF set_model_tracking.tracked IS NULL THEN
+        RAISE EXCEPTION 'tracked must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    UPDATE sessiontag.llm_models m
+    SET tracked = set_model_tracking.tracked
+    WHERE m.id = set_model_tracking.model_id
+    RETURNING m.tracked INTO result;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'model_id % is not a registered model', set_model_tracking.model_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN result;
+END
+$$;
+
+-- The models a user can tag with (their own and the shared ones), or every model.
+CREATE FUNCTION sessiontag.list_models(owner_id uuid DEFAULT NULL)
+RETURNS SETOF sessiontag.llm_models
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT m.*
+    FROM sessiontag.llm_models m
+    WHERE list_models.owner_id IS NULL OR m.owner_id = list_models.owner_id OR m.owner_id IS NULL
+    ORDER BY m.name, m.owner_id NULLS FIRST, m.id
+$$;
+
+CREATE TYPE sessiontag.session_tag AS (
+    session_id      text,
+    experiment_name text,
+    counter         bigint,
+    model_id        uuid,
+    model_name      text
+);
+
+-- 7 -> '007', 1000 -> '1000': at least 3 digits, never truncated.
+CREATE FUNCTION sessiontag._pad_counter(counter bigint)
+RETURNS text
+LANGUAGE sql
+IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN _pad_counter.counter < 1000
+                THEN lpad(_pad_counter.counter::text, 3, '0')
+                ELSE _pad_counter.counter::text END
+$$;
+
+CREATE FUNCTION sessiontag._format_tag(short_id text, counter bigint)
+RETURNS text
+LANGUAGE sql
+IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT 'chat_model_' || _format_tag.short_id || '_' || sessiontag._pad_counter(_format_tag.counter)
+$$;
+
+-- Takes the next n numbers of (user_id, model_id) and returns the last one. The counter
+-- row stays locked until the caller's transaction ends: concurrent callers of the same
+-- key queue behind it, callers of other keys do not; a rollback undoes the increment.
+-- O(1): no scan of earlier conversations.
+CREATE FUNCTION sessiontag._take_counter(user_id uuid, model_id uuid, n bigint DEFAULT 1)
+RETURNS bigint
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO sessiontag.session_counters AS c (user_id, model_id, last_value)
+    VALUES (_take_counter.user_id, _take_counter.model_id, _take_counter.n)
+    ON CONFLICT ON CONSTRAINT session_counters_pkey DO UPDATE SET last_value = c.last_value + excluded.last_value
+    RETURNING c.last_value
+$$;
+
+-- Takes the next tag of (user_id, model_id). NULL, never an error, when an argument is
+-- NULL or the model is unknown or not tracked. The number belongs to the caller's
+-- transaction: commit it with the conversation that carries the tag.
+CREATE FUNCTION sessiontag.generate_session_tag(user_id uuid, model_id uuid)
+RETURNS sessiontag.session_tag
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m sessiontag.llm_models;
+    n bigint;
+BEGIN
+    IF generate_session_tag.user_id IS NULL OR generate_session_tag.model_id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO m FROM sessiontag.llm_models
+    WHERE id = generate_session_tag.model_id AND tracked;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    n := sessiontag._take_counter(generate_session_tag.user_id, m.id);
+    RETURN ROW(sessiontag._format_tag(m.short_id, n), m.name, n, m.id, m.name)::sessiontag.session_tag;
+END
+$$;
+
+-- n consecutive tags of (user_id, model_id) in one call. No rows when an argument is
+-- NULL or the model is unknown or not tracked.
+CREATE FUNCTION sessiontag.generate_session_tags(user_id uuid, model_id uuid, n integer)
+RETURNS SETOF sessiontag.session_tag
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m sessiontag.llm_models;
+    last bigint;
+BEGIN
+    IF generate_session_tags.n IS NULL OR generate_session_tags.n < 0 OR generate_session_tags.n > 100000 THEN
+        RAISE EXCEPTION 'n must be between 0 and 100000, got %', coalesce(generate_session_tags.n::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF generate_session_tags.user_id IS NULL OR generate_session_tags.model_id IS NULL
+       OR generate_session_tags.n = 0 THEN
+        RETURN;
+    END IF;
+    SELECT * INTO m FROM sessiontag.llm_models
+    WHERE id = generate_session_tags.model_id AND tracked;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    last := sessiontag._take_counter(generate_session_tags.user_id, m.id, generate_session_tags.n);
+    RETURN QUERY
+        SELECT sessiontag._format_tag(m.short_id, k), m.name, k, m.id, m.name
+        FROM generate_series(last - generate_session_tags.n + 1, last) AS k;
+END
+$$;
+
+-- Trigger on conversations: tags a new conversation of a tracked model, and checks
+-- every tag written by a caller. A caller may give its own session_id (a manual tag);
+-- one in the automatic form must have been issued by generate_session_tag(s) for this
+-- user and model, so it can never collide with a tag handed out later. A tag, once
+-- set, never changes.
+CREATE FUNCTION sessiontag._conversations_tag()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m sessiontag.llm_models;
+    parts text[];
+    issued bigint;
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF OLD.session_id IS NOT NULL AND (NEW.session_id IS DISTINCT FROM OLD.session_id
+                                           OR NEW.session_counter IS DISTINCT FROM OLD.session_counter) THEN
+            RAISE EXCEPTION 'conversation % already has session tag %; a tag never changes', OLD.id, OLD.session_id
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF NEW.session_id IS NOT DISTINCT FROM OLD.session_id
+           AND NEW.session_counter IS NOT DISTINCT FROM OLD.session_counter THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+
+    IF NEW.user_id IS NULL THEN
+        RAISE EXCEPTION 'user_id must not be NULL' USING ERRCODE = 'not_null_violation';
+    END IF;
+    IF NEW.llm_model_id IS NOT NULL THEN
+        SELECT * INTO m FROM sessiontag.llm_models WHERE id = NEW.llm_model_id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'llm_model_id % is not a registered model', NEW.llm_model_id
+                USING ERRCODE = 'foreign_key_violation';
+        END IF;
+    END IF;
+
+    IF NEW.session_id IS NULL THEN
+        IF NEW.session_counter IS NOT NULL THEN
+            RAISE EXCEPTION 'session_counter is assigned by sessiontag and cannot be given'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF TG_OP = 'INSERT' AND m.tracked THEN
+            NEW.session_counter := sessiontag._take_counter(NEW.user_id, m.id);
+            NEW.session_id := sessiontag._format_tag(m.short_id, NEW.session_counter);
+            NEW.experiment_name := m.name;
+        END IF;
+        RETURN NEW;
+    END IF;
+
+    parts := regexp_match(NEW.session_id, '^chat_model_([0-9a-f]{6,32})_([0-9]{1,18})$');
+    IF parts IS NULL THEN
+        -- A manual tag: kept as given, numbered by nobody.
+        IF NEW.session_counter IS NOT NULL THEN
+            RAISE EXCEPTION 'session_counter is assigned by sessiontag and cannot be given'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    ELSE
+        IF m.id IS NULL THEN
+            SELECT * INTO m FROM sessiontag.llm_models WHERE short_id = parts[1];
+        END IF;
+        SELECT c.last_value INTO issued FROM sessiontag.session_counters c
+        WHERE c.user_id = NEW.user_id AND c.model_id = m.id;
+        IF m.short_id IS DISTINCT FROM parts[1] OR parts[2]::bigint NOT BETWEEN 1 AND coalesce(issued, 0)
+           OR NEW.session_counter IS DISTINCT FROM coalesce(NEW.session_counter, parts[2]::bigint)
+           OR NEW.session_id <> sessiontag._format_tag(m.short_id, parts[2]::bigint) THEN
+            RAISE EXCEPTION 'session_id % has the form of an automatic tag but was not issued for this user and model', NEW.session_id
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Take it from generate_session_tag in the same transaction, or choose a tag of another form.';
+        END IF;
+        NEW.llm_model_id := m.id;
+        NEW.session_counter := parts[2]::bigint;
+        NEW.experiment_name := coalesce(NEW.experiment_name, m.name);
+    END IF;
+
+    IF EXISTS (SELECT FROM sessiontag.conversations c
+               WHERE c.user_id = NEW.user_id AND c.session_id = NEW.session_id AND c.id <> NEW.id) THEN
+        RAISE EXCEPTION 'session_id % is already used by another conversation of user %', NEW.session_id, NEW.user_id
+            USING ERRCODE = 'unique_violation';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER _100_tag
+    BEFORE INSERT OR UPDATE OF session_id, session_counter, llm_model_id ON sessiontag.conversations
+    FOR EACH ROW EXECUTE FUNCTION sessiontag._conversations_tag();
+
+-- Creates a conversation, tagged at creation when model_id names a tracked model.
+CREATE FUNCTION sessiontag.create_conversation(
+    user_id uuid,
+    model_id uuid DEFAULT NULL,
+    title text DEFAULT NULL,
+    id uuid DEFAULT NULL,
+    analytics_enabled boolean DEFAULT true,
+    external_id text DEFAULT NULL,
+    session_id text DEFAULT NULL
+)
+RETURNS sessiontag.conversations
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    result sessiontag.conversations;
+BEGIN
+    IF create_conversation.user_id IS NULL THEN
+        RAISE EXCEPTION 'user_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF create_conversation.analytics_enabled IS NULL THEN
+        RAISE EXCEPTION 'analytics_enabled must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF length(create_conversation.title) > 1000 THEN
+        RAISE EXCEPTION 'title is longer than 1000 characters' USING ERRCODE = 'string_data_right_truncation';
+    END IF;
+    IF create_conversation.external_id = '' OR length(create_conversation.external_id) > 200 THEN
+        RAISE EXCEPTION 'external_id must be 1 to 200 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF create_conversation.session_id = '' OR length(create_conversation.session_id) > 200 THEN
+        RAISE EXCEPTION 'session_id must be 1 to 200 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Friendly errors for the common mistakes; the unique constraints remain the guard.
+    IF EXISTS (SELECT FROM sessiontag.conversations c
+               WHERE c.user_id = create_conversation.user_id AND c.id = create_conversation.id) THEN
+        RAISE EXCEPTION 'conversation id % already exists for user %', create_conversation.id, create_conversation.user_id
+            USING ERRCODE = 'unique_violation';
+    END IF;
+    IF EXISTS (SELECT FROM sessiontag.conversations c
+               WHERE c.user_id = create_conversation.user_id AND c.external_id = create_conversation.external_id) THEN
+        RAISE EXCEPTION 'external_id % is already used by another conversation of user %',
+            create_conversation.external_id, create_conversation.user_id USING ERRCODE = 'unique_violation';
+    END IF;
+    INSERT INTO sessiontag.conversations AS c
+        (id, user_id, external_id, title, llm_model_id, session_id, analytics_enabled)
+    VALUES (coalesce(create_conversation.id, gen_random_uuid()), create_conversation.user_id,
+            create_conversation.external_id, create_conversation.title, create_conversation.model_id,
+            create_conversation.session_id, create_conversation.analytics_enabled)
+    RETURNING c.* INTO result;
+    RETURN result;
+END
+$$;
+
+-- Locks and returns one conversation by id (and user, when given); raises when unknown.
+CREATE FUNCTION sessiontag._lock_conversation(conversation_id uuid, user_id uuid DEFAULT NULL)
+RETURNS sessiontag.conversations
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    result sessiontag.conversations;
+BEGIN
+    IF _lock_conversation.conversation_id IS NULL THEN
+        RAISE EXCEPTION 'conversation_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT * INTO STRICT result FROM sessiontag.conversations c
+    WHERE c.id = _lock_conversation.conversation_id
+      AND (_lock_conversation.user_id IS NULL OR c.user_id = _lock_conversation.user_id)
+    FOR UPDATE;
+    RETURN result;
+EXCEPTION
+    WHEN no_data_found THEN
+        RAISE EXCEPTION 'conversation_id % not found', _lock_conversation.conversation_id
+            USING ERRCODE = 'no_data_found';
+    WHEN too_many_rows THEN
+        RAISE EXCEPTION 'conversation_id % belongs to several users; give user_id', _lock_conversation.conversation_id
+            USING ERRCODE = 'cardinality_violation';
+END
+$$;
+
+-- The first-message path: tags an untagged conversation with model_id (or its own
+-- model) and returns the tag; returns the existing tag otherwise. Concurrent calls on
+-- one conversation queue on its row lock, so they yield one tag and take one number.
+-- NULL when the conversation has no tag and no tracked model to make one.
+CREATE FUNCTION sessiontag.ensure_session_tag(conversation_id uuid, model_id uuid DEFAULT NULL, user_id uuid DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    c sessiontag.conversations := sessiontag._lock_conversation(ensure_session_tag.conversation_id, ensure_session_tag.user_id);
+    tag sessiontag.session_tag;
+BEGIN
+    IF c.session_id IS NOT NULL THEN
+        RETURN c.session_id;
+    END IF;
+    IF ensure_session_tag.model_id IS NOT NULL
+       AND NOT EXISTS (SELECT FROM sessiontag.llm_models m WHERE m.id = ensure_session_tag.model_id) THEN
+        RAISE EXCEPTION 'model_id % is not a registered model', ensure_session_tag.model_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    tag := sessiontag.generate_session_tag(c.user_id, coalesce(ensure_session_tag.model_id, c.llm_model_id));
+    IF tag IS NULL THEN
+        RETURN NULL;
+    END IF;
+    UPDATE sessiontag.conversations u
+    SET session_id = tag.session_id, session_counter = tag.counter,
+        experiment_name = tag.experiment_name, llm_model_id = tag.model_id
+    WHERE u.user_id = c.user_id AND u.id = c.id;
+    RETURN tag.session_id;
+END
+$$;
+
+-- '[GPT-4o #007]' for a tag; NULL for an unknown one. user_id picks among users who
+-- hold the same tag text (each user numbers their own sessions).
+CREATE FUNCTION sessiontag.session_badge(session_id text, user_id uuid DEFAULT NULL)
+RETURNS text
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN c.session_counter IS NULL
+                THEN '[' || coalesce(c.experiment_name, c.session_id) || ']'
+                ELSE '[' || coalesce(c.experiment_name, 'session') || ' #' || sessiontag._pad_counter(c.session_counter) || ']'
+           END
+    FROM sessiontag.conversations c
+    WHERE c.session_id = session_badge.session_id
+      AND (session_badge.user_id IS NULL OR c.user_id = session_badge.user_id)
+    ORDER BY c.created_at, c.user_id
+    LIMIT 1
+$$;
+
+-- Turns trace recording on or off for one conversation; returns the new state.
+CREATE FUNCTION sessiontag.set_analytics_tracking(conversation_id uuid, enabled boolean, user_id uuid DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    c sessiontag.conversations;
+BEGIN
+    IF set_analytics_tracking.enabled IS NULL THEN
+        RAISE EXCEPTION 'enabled must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    c := sessiontag._lock_conversation(set_analytics_tracking.conversation_id, set_analytics_tracking.user_id);
+    UPDATE sessiontag.conversations u SET analytics_enabled = set_analytics_tracking.enabled
+    WHERE u.user_id = c.user_id AND u.id = c.id;
+    RETURN set_analytics_tracking.enabled;
+END
+$$;

@@ -1,0 +1,280 @@
+"""The `sessiontag` command line.
+
+Connection: --dsn, else DATABASE_URL, else the local server (started on demand).
+Every error is one line on stderr and a non-zero exit; SESSIONTAG_DEBUG=1 shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from uuid import UUID
+
+import click
+import psycopg
+
+from . import catalog, migrate
+from .client import Client
+from .connection import connect, resolve_dsn
+from .embedded import LocalServer
+from .errors import DatabaseError, SessiontagError
+from .output import FORMATS, render
+
+
+class State:
+    def __init__(self, dsn: str | None):
+        self._dsn_option = dsn
+        self._dsn: str | None = None
+
+    @property
+    def dsn(self) -> str:
+        if self._dsn is None:
+            self._dsn = resolve_dsn(self._dsn_option)
+        return self._dsn
+
+    def client(self) -> Client:
+        return Client(connect(self.dsn, autocommit=True))
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def format_option(f):
+    return click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+                        help="How to print rows.")(f)
+
+
+def emit(rows, fmt: str, columns: list[str] | None = None) -> None:
+    click.echo(render(rows, fmt, columns))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--dsn", metavar="DSN", help="PostgreSQL connection string (default: $DATABASE_URL, else the local server).")
+@click.version_option(package_name="sessiontag")
+@click.pass_context
+def cli(ctx: click.Context, dsn: str | None) -> None:
+    """Tag, store, search and compare LLM chat traces by session."""
+    ctx.obj = State(dsn)
+
+
+# -- local server -------------------------------------------------------------------
+@cli.group()
+def db() -> None:
+    """The local PostgreSQL server used when no --dsn or DATABASE_URL is given."""
+
+
+@db.command("start")
+def db_start() -> None:
+    """Start the local server (initializing it on first use)."""
+    server = LocalServer()
+    started = server.start()
+    click.echo(f"{'started' if started else 'already running'}: {server.dsn()}")
+
+
+@db.command("stop")
+def db_stop() -> None:
+    """Stop the local server."""
+    click.echo("stopped" if LocalServer().stop() else "not running")
+
+
+@db.command("status")
+def db_status() -> None:
+    """Say whether the local server runs; exit status 3 when it does not."""
+    server = LocalServer()
+    pid = server.pid()
+    if pid is None:
+        state = "stopped" if server.initialized() else "not initialized"
+        click.echo(f"{state} (data directory {server.data})")
+        sys.exit(3)
+    click.echo(f"running (pid {pid}, data directory {server.data}): {server.dsn()}")
+
+
+@db.command("url")
+def db_url() -> None:
+    """Print the local server's connection URL."""
+    click.echo(LocalServer().dsn())
+
+
+# -- migrations ---------------------------------------------------------------------
+@cli.command("migrate")
+@click.option("--to", "to", metavar="ID", help="Apply up to and including this migration.")
+@pass_state
+def migrate_cmd(state: State, to: str | None) -> None:
+    """Apply pending migrations."""
+    applied = migrate.apply(state.dsn, to=to)
+    click.echo("\n".join(f"applied {m}" for m in applied) if applied else "nothing to apply: up to date")
+
+
+@cli.command("rollback")
+@click.option("--to", "to", metavar="ID", help="Roll back every migration applied after ID (ID stays).")
+@click.option("--steps", type=int, metavar="N", help="Roll back the N newest migrations.")
+@click.option("--all", "everything", is_flag=True, help="Roll back every migration.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_state
+def rollback_cmd(state: State, to: str | None, steps: int | None, everything: bool, yes: bool) -> None:
+    """Roll back migrations. Traces are never dropped: data of rolled-back parts is kept
+    in schema sessiontag_archive and comes back when the migrations are applied again."""
+    plan = migrate.plan_rollback(state.dsn, to=to, steps=steps, everything=everything)
+    if not plan:
+        click.echo("nothing to roll back")
+        return
+    click.echo("will roll back: " + ", ".join(plan), err=True)
+    if not yes:
+        click.confirm("proceed?", abort=True, err=True)
+    for m in migrate.rollback(state.dsn, to=to, steps=steps, everything=everything):
+        click.echo(f"rolled back {m}")
+
+
+@cli.command("migrations")
+@format_option
+@pass_state
+def migrations_cmd(state: State, fmt: str) -> None:
+    """List migrations, applied and pending."""
+    rows = [{"id": s.id, "status": "applied" if s.applied else "pending", "applied_at": s.applied_at}
+            for s in migrate.states(state.dsn)]
+    emit(rows, fmt)
+
+
+@cli.command("verify")
+@pass_state
+def verify_cmd(state: State) -> None:
+    """Check the database against the expected schema; exit status 1 on any drift."""
+    pending = [s.id for s in migrate.states(state.dsn) if not s.applied]
+    with connect(state.dsn) as conn:
+        problems = catalog.diff(catalog.expected(), catalog.snapshot(conn))
+    if pending:
+        click.echo("pending migrations: " + ", ".join(pending))
+    for line in problems:
+        click.echo(line)
+    if pending or problems:
+        click.echo(f"drift: {len(problems)} difference(s) from the expected schema", err=True)
+        sys.exit(1)
+    click.echo("ok: schema sessiontag matches the expected schema")
+
+
+# -- models -------------------------------------------------------------------------
+MODEL_COLUMNS = ["id", "short_id", "name", "model_key", "provider", "owner_id", "tracked", "created_at"]
+
+
+def resolve_model(client: Client, model: str, owner: str | None = None) -> UUID:
+    """A model given by id or by model_key."""
+    try:
+        return UUID(model)
+    except ValueError:
+        pass
+    found = client.model_id(model, owner)
+    if found is None:
+        raise SessiontagError(f"no model with id or key {model!r}")
+    return found
+
+
+@cli.group()
+def models() -> None:
+    """Models whose conversations get session tags."""
+
+
+@models.command("add")
+@click.argument("name")
+@click.option("--provider", help="Provider, e.g. openai.")
+@click.option("--key", "model_key", help="The provider's model id (default: NAME).")
+@click.option("--owner", "owner_id", help="Owner user id (default: shared by all users).")
+@click.option("--id", "model_uuid", help="Model UUID (default: random).")
+@format_option
+@pass_state
+def models_add(state: State, name, provider, model_key, owner_id, model_uuid, fmt) -> None:
+    """Register a model (again: returns the existing one)."""
+    with state.client() as client:
+        model_id = client.register_model(name, provider=provider, model_key=model_key, owner_id=owner_id, id=model_uuid)
+        emit([m for m in client.list_models() if m.id == model_id], fmt, MODEL_COLUMNS)
+
+
+@models.command("list")
+@click.option("--owner", "owner_id", help="Only this user's models and the shared ones.")
+@format_option
+@pass_state
+def models_list(state: State, owner_id, fmt) -> None:
+    """List models."""
+    with state.client() as client:
+        emit(client.list_models(owner_id), fmt, MODEL_COLUMNS)
+
+
+def _tracking_command(tracked: bool):
+    @click.argument("model")
+    @click.option("--owner", "owner_id", help="Owner, when MODEL is a key.")
+    @pass_state
+    def command(state: State, model: str, owner_id: str | None) -> None:
+        with state.client() as client:
+            model_id = resolve_model(client, model, owner_id)
+            client.set_model_tracking(model_id, tracked)
+        click.echo(f"model {model_id}: {'tracked' if tracked else 'not tracked'}")
+
+    return command
+
+
+models.command("track", help="Tag new conversations of MODEL (id or key).")(_tracking_command(True))
+models.command("untrack", help="Stop tagging new conversations of MODEL (id or key).")(_tracking_command(False))
+
+
+# -- sessions -----------------------------------------------------------------------
+@cli.group()
+def sessions() -> None:
+    """Tagged conversations."""
+
+
+@sessions.command("tracking")
+@click.argument("conversation")
+@click.argument("state_word", metavar="on|off", type=click.Choice(["on", "off"]))
+@click.option("--user", "user_id", help="Owner of the conversation, when its id is not unique.")
+@pass_state
+def sessions_tracking(state: State, conversation: str, state_word: str, user_id: str | None) -> None:
+    """Record traces of CONVERSATION (on) or not (off)."""
+    with state.client() as client:
+        enabled = client.set_analytics_tracking(conversation, state_word == "on", user_id)
+    click.echo(f"conversation {conversation}: analytics tracking {'on' if enabled else 'off'}")
+
+
+# -- demo ---------------------------------------------------------------------------
+@cli.command("demo")
+@click.option("--seed", type=int, help="Random seed, for a repeatable workload.")
+@format_option
+@pass_state
+def demo_cmd(state: State, seed: int | None, fmt: str) -> None:
+    """Load a realistic multi-user, multi-model workload and show it."""
+    from . import demo
+
+    with state.client() as client:
+        created = demo.run(client, seed)
+    emit(created, fmt, ["user", "badge", "session_id", "title"])
+
+
+# -- entry point --------------------------------------------------------------------
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = bool(os.environ.get("SESSIONTAG_DEBUG"))
+    try:
+        result = cli.main(args=argv, prog_name="sessiontag", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("", err=True)  # end the unanswered prompt's line
+        _fail("aborted")
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except SessiontagError as exc:
+        _fail(str(exc))
+    except psycopg.Error as exc:
+        _fail(str(DatabaseError.from_psycopg(exc)))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:  # never a traceback for the user
+        if debug:
+            raise
+        _fail(f"{type(exc).__name__}: {exc} (set SESSIONTAG_DEBUG=1 for details)")
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

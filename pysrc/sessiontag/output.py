@@ -1,0 +1,61 @@
+"""Printing rows as a table, JSON or CSV (the CLI's --format)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Iterable
+from uuid import UUID
+
+from tabulate import tabulate
+
+FORMATS = ("table", "json", "csv")
+
+
+def as_dict(row: Any) -> dict:
+    if dataclasses.is_dataclass(row):
+        return dataclasses.asdict(row)
+    return dict(row)
+
+
+def _plain(value: Any) -> Any:
+    """A value as JSON and CSV show it."""
+    if isinstance(value, (UUID, Decimal)):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _cell(value: Any) -> str:
+    """A value as a table shows it: local time, no microseconds, blank for NULL."""
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def render(rows: Iterable[Any], fmt: str, columns: list[str] | None = None) -> str:
+    dicts = [as_dict(r) for r in rows]
+    if columns is None:
+        columns = list(dicts[0]) if dicts else []
+    if fmt == "json":
+        return json.dumps([{c: _plain(d.get(c)) for c in columns} for d in dicts], indent=2, ensure_ascii=False)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for d in dicts:
+            writer.writerow(["" if d.get(c) is None else _plain(d.get(c)) for c in columns])
+        return buffer.getvalue().rstrip("\n")
+    if not dicts:
+        return "(no rows)"
+    return tabulate([[_cell(d.get(c)) for c in columns] for d in dicts], headers=columns, tablefmt="simple",
+                    disable_numparse=True)

@@ -1,0 +1,89 @@
+"""The CLI's local server: started on demand, reused, stopped; as root and as a normal user."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from sessiontag.embedded import LocalServer
+
+
+def run(home, *args, user: pwd.struct_passwd | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["SESSIONTAG_HOME"] = str(home)
+    argv = [sys.executable, "-m", "sessiontag.cli", *args]
+    if user is not None:
+        env["HOME"] = str(home)
+        argv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=180)
+
+
+@pytest.fixture
+def home():
+    # Not under pytest's tmp_path: as root that is private to root, and the server user
+    # must be able to enter the home (see test_a_home_the_server_user_cannot_enter...).
+    base = Path(tempfile.mkdtemp(prefix="sessiontag-test-"))
+    base.chmod(0o755)
+    path = base / "home"
+    yield path
+    if (path / "data" / "PG_VERSION").exists():
+        LocalServer(path).stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the server to another user")
+def test_a_home_the_server_user_cannot_enter_is_a_clear_error(tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    result = run(private / "home", "db", "start")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: PostgreSQL runs as ") and "cannot enter" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_commands_start_the_local_server_on_demand_and_reuse_it(home):
+    status = run(home, "db", "status")
+    assert status.returncode == 3 and "not initialized" in status.stdout
+    # three commands at once on a fresh home: one initializes and starts, all succeed
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: run(home, "migrations", "--format", "csv"), range(3)))
+    for r in results:
+        assert r.returncode == 0, r.stderr
+    applied = run(home, "migrate")
+    assert applied.returncode == 0 and "applied 0001_base_tables" in applied.stdout
+    status = run(home, "db", "status")
+    assert status.returncode == 0 and status.stdout.startswith("running (pid ")
+    assert run(home, "db", "url").stdout.strip() == LocalServer(home).dsn()
+    assert run(home, "db", "start").stdout.startswith("already running")
+    assert run(home, "db", "stop").stdout.strip() == "stopped"
+    assert run(home, "db", "status").returncode == 3
+    # the data survives a restart, and `verify` brings the server back up by itself
+    verify = run(home, "verify")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_local_server_works_for_a_normal_user(home):
+    user = pwd.getpwnam("nobody")
+    home.mkdir()
+    os.chown(home, user.pw_uid, user.pw_gid)
+    probe = subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
+                            sys.executable, "-c", "import sessiontag"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("the virtualenv is not readable by an unprivileged user here")
+    try:
+        started = run(home, "db", "start", user=user)
+        assert started.returncode == 0, started.stderr
+        assert run(home, "migrate", user=user).returncode == 0
+        assert os.stat(home / "data").st_uid == user.pw_uid
+    finally:
+        run(home, "db", "stop", user=user)
+        shutil.rmtree(home / "data", ignore_errors=True)  # keep the fixture from stopping it as root
