@@ -49,7 +49,6 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     hex text := replace(_next_free_short_id.model_id::text, '-', '');
-    len integer;
 BEGIN
     -- Serialize assignments, so two models sharing a prefix cannot both take it.
     PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('sessiontag.llm_models.short_id'));
@@ -378,7 +377,7 @@ BEGIN
         SELECT c.last_value INTO issued FROM sessiontag.session_counters c
         WHERE c.user_id = NEW.user_id AND c.model_id = m.id;
         IF m.short_id IS DISTINCT FROM parts[1] OR parts[2]::bigint NOT BETWEEN 1 AND coalesce(issued, 0)
-           OR NEW.session_counter IS DISTINCT FROM coalesce(NEW.session_counter, parts[2]::bigint)
+           OR coalesce(NEW.session_counter, parts[2]::bigint) <> parts[2]::bigint
            OR NEW.session_id <> sessiontag._format_tag(m.short_id, parts[2]::bigint) THEN
             RAISE EXCEPTION 'session_id % has the form of an automatic tag but was not issued for this user and model', NEW.session_id
                 USING ERRCODE = 'invalid_parameter_value',

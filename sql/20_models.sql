@@ -11,7 +11,6 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     hex text := replace(_next_free_short_id.model_id::text, '-', '');
-    len integer;
 BEGIN
     -- Serialize assignments, so two models sharing a prefix cannot both take it.
     PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('sessiontag.llm_models.short_id'));

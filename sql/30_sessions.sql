@@ -170,7 +170,7 @@ BEGIN
         SELECT c.last_value INTO issued FROM sessiontag.session_counters c
         WHERE c.user_id = NEW.user_id AND c.model_id = m.id;
         IF m.short_id IS DISTINCT FROM parts[1] OR parts[2]::bigint NOT BETWEEN 1 AND coalesce(issued, 0)
-           OR NEW.session_counter IS DISTINCT FROM coalesce(NEW.session_counter, parts[2]::bigint)
+           OR coalesce(NEW.session_counter, parts[2]::bigint) <> parts[2]::bigint
            OR NEW.session_id <> sessiontag._format_tag(m.short_id, parts[2]::bigint) THEN
             RAISE EXCEPTION 'session_id % has the form of an automatic tag but was not issued for this user and model', NEW.session_id
                 USING ERRCODE = 'invalid_parameter_value',
