@@ -42,6 +42,10 @@ def best_of(runs: int, fn) -> float:
 def report(name: str, ours: float, baseline: float, goal: str, higher_is_better: bool) -> dict:
     """Print one line: the two figures, their ratio and the goal."""
     ratio = ours / baseline if baseline else float("nan")
-    print(f"{name}: ours {ours:,.1f}, baseline {baseline:,.1f}, ratio {ratio:.2f} (goal: {goal})", flush=True)
+
+    def fmt(v: float) -> str:
+        return f"{v:,.1f}" if v >= 10 else f"{v:.3f}"
+
+    print(f"{name}: ours {fmt(ours)}, baseline {fmt(baseline)}, ratio {ratio:.2f} (goal: {goal})", flush=True)
     return {"name": name, "ours": ours, "baseline": baseline, "ratio": ratio,
             "higher_is_better": higher_is_better}

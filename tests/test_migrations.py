@@ -173,7 +173,7 @@ def test_verify_catches_dropped_index_and_altered_function(dsn):
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert "missing index idx_llm_traces_session_tag" in lines
-    assert any(line.startswith("changed function _pad_counter(counter bigint): body") for line in lines)
+    assert any(line.startswith("changed function _pad_counter(counter bigint): ") and "body" in line for line in lines)
     assert "extra column conversations.extra" in lines
 
 
