@@ -7,7 +7,10 @@ Every error is one line on stderr and a non-zero exit; SESSIONTAG_DEBUG=1 shows 
 from __future__ import annotations
 
 import functools
+import io
+import json
 import os
+import re
 import sys
 from uuid import UUID
 
@@ -232,6 +235,66 @@ def sessions_tracking(state: State, conversation: str, state_word: str, user_id:
     with state.client() as client:
         enabled = client.set_analytics_tracking(conversation, state_word == "on", user_id)
     click.echo(f"conversation {conversation}: analytics tracking {'on' if enabled else 'off'}")
+
+
+# -- ingest -------------------------------------------------------------------------
+_BAD_ELEMENT = re.compile(r"^spans\[(\d+)\](\.|: )(.*)$", re.DOTALL)
+
+
+def read_spans(source) -> tuple[list, list[str]]:
+    """The spans of a JSON array or JSON lines text, and where each one is ("line 12",
+    "spans[3]") for error messages."""
+    text = source.read()
+    if text.lstrip().startswith("["):
+        try:
+            spans = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SessiontagError(f"line {exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        return spans, [f"spans[{i}]" for i in range(len(spans))]
+    spans, where = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            spans.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise SessiontagError(f"line {number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        where.append(f"line {number}")
+    return spans, where
+
+
+@cli.command("ingest")
+@click.argument("source", metavar="FILE|-", type=click.File("r", encoding="utf-8"))
+@click.option("--batch-size", type=click.IntRange(1, 100_000), default=1000, show_default=True,
+              help="Spans per ingest_traces call.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: when stderr is a terminal).")
+@pass_state
+def ingest_cmd(state: State, source, batch_size: int, progress: bool | None) -> None:
+    """Store the spans of FILE (- reads standard input): a JSON array, or JSON lines (one
+    span per line), keyed by record_trace's parameter names; status running and no
+    end_time for a span still open. All or nothing: on bad input nothing is stored and
+    the error names the line (or array index) and the field."""
+    spans, where = read_spans(source)
+    stored = 0
+    show = sys.stderr.isatty() if progress is None else progress
+    with state.client() as client, client.conn.transaction():
+        with click.progressbar(length=len(spans), label="ingesting", file=sys.stderr if show else io.StringIO()) as bar:
+            for start in range(0, len(spans), batch_size):
+                batch = spans[start:start + batch_size]
+                try:
+                    stored += client.ingest(batch)
+                except DatabaseError as exc:
+                    match = _BAD_ELEMENT.match(str(exc))
+                    if match is None:
+                        raise SessiontagError(f"{exc}; nothing was stored") from None
+                    location = where[start + int(match.group(1))]
+                    separator = ": " if location.startswith("line") or match.group(2) == ": " else "."
+                    raise SessiontagError(f"{location}{separator}{match.group(3)}; nothing was stored") from None
+                bar.update(len(batch))
+    skipped = len(spans) - stored
+    click.echo(f"stored {stored} of {len(spans)} spans" + (
+        f" ({skipped} skipped: already stored, or of conversations with tracking off)" if skipped else ""))
 
 
 # -- demo ---------------------------------------------------------------------------

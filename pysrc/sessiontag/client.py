@@ -7,16 +7,72 @@ fall back to the function's own defaults.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import json
+import secrets
+import uuid
+from contextlib import contextmanager
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from typing import Any, Iterable, Iterator, Mapping
 from uuid import UUID
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
 
 from .connection import connect, resolve_dsn
 from .errors import DatabaseError
-from .types import Conversation, Model, SessionTag
+from .types import Conversation, Model, SessionTag, Span
+
+
+# -- spans: ids, JSON and outcomes, shared with sessiontag.recorder --------------------
+def new_trace_id() -> str:
+    """A random OpenTelemetry-style trace id (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def new_span_id() -> str:
+    """A random OpenTelemetry-style span id (16 hex digits)."""
+    return secrets.token_hex(8)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, (UUID, Decimal)):
+        return str(value)  # a JSON string keeps every digit of a Decimal; PostgreSQL reads it back
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def dumps(value: Any) -> str:
+    """JSON text of a span or a value, with UUIDs, datetimes and Decimals as strings."""
+    return json.dumps(value, default=_json_default, ensure_ascii=False, allow_nan=False)
+
+
+def _jsonb(value: Any) -> Jsonb | None:
+    return None if value is None else Jsonb(value, dumps=dumps)
+
+
+def _numeric(value: Decimal | float | int | None) -> Decimal | None:
+    """A cost as numeric: a float would be sent as double precision, which no numeric
+    parameter takes implicitly."""
+    return None if value is None else value if isinstance(value, Decimal) else Decimal(str(value))
+
+
+def outcome(span: Span, exc: BaseException | None) -> tuple[str, str | None]:
+    """The status and error message a span ends with: what the block set, else success, or
+    error (cancelled for an interruption) with the exception when the block raised."""
+    if exc is None:
+        return span.status or "success", span.error_message
+    interrupted = isinstance(exc, (KeyboardInterrupt, GeneratorExit, asyncio.CancelledError))
+    status = span.status if span.status not in (None, "success") else ("cancelled" if interrupted else "error")
+    return status, span.error_message or (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
 
 class Client:
@@ -104,3 +160,95 @@ class Client:
                                user_id: UUID | str | None = None) -> bool:
         return self._scalar("set_analytics_tracking", dict(conversation_id=conversation_id, enabled=enabled,
                                                            user_id=user_id), required=("conversation_id", "enabled"))
+
+    # -- traces ---------------------------------------------------------------------
+    def start_trace(self, user_id: UUID | str, trace_id: str, span_id: str, span_name: str,
+                    operation_type: str | None = None, conversation_id: UUID | str | None = None,
+                    parent_span_id: str | None = None, model_id: UUID | str | None = None,
+                    model_name: str | None = None, model_provider: str | None = None, session_tag: str | None = None,
+                    input_data: Any = None, metadata: Mapping[str, Any] | None = None,
+                    start_time: datetime | None = None, message_id: str | None = None) -> UUID | None:
+        """Starts a span; returns its row id, None when the conversation has tracking off."""
+        return self._scalar("start_trace", dict(
+            user_id=user_id, trace_id=trace_id, span_id=span_id, span_name=span_name, operation_type=operation_type,
+            conversation_id=conversation_id, parent_span_id=parent_span_id, model_id=model_id, model_name=model_name,
+            model_provider=model_provider, session_tag=session_tag, input_data=_jsonb(input_data),
+            metadata=_jsonb(metadata), start_time=start_time, message_id=message_id),
+            required=("user_id", "trace_id", "span_id", "span_name"))
+
+    def end_trace(self, user_id: UUID | str, trace_id: str, span_id: str, status: str | None = None,
+                  output_data: Any = None, input_tokens: int | None = None, output_tokens: int | None = None,
+                  cost_usd: Decimal | float | None = None, error_message: str | None = None,
+                  end_time: datetime | None = None) -> UUID:
+        """Ends a running span; returns its row id (an ended span stays as it was)."""
+        return self._scalar("end_trace", dict(
+            user_id=user_id, trace_id=trace_id, span_id=span_id, status=status, output_data=_jsonb(output_data),
+            input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=_numeric(cost_usd),
+            error_message=error_message, end_time=end_time), required=("user_id", "trace_id", "span_id"))
+
+    def record_trace(self, user_id: UUID | str, trace_id: str, span_id: str, span_name: str,
+                     operation_type: str | None = None, conversation_id: UUID | str | None = None,
+                     parent_span_id: str | None = None, model_id: UUID | str | None = None,
+                     model_name: str | None = None, model_provider: str | None = None,
+                     session_tag: str | None = None, input_data: Any = None,
+                     metadata: Mapping[str, Any] | None = None, start_time: datetime | None = None,
+                     status: str | None = None, output_data: Any = None, input_tokens: int | None = None,
+                     output_tokens: int | None = None, cost_usd: Decimal | float | None = None,
+                     error_message: str | None = None, end_time: datetime | None = None,
+                     message_id: str | None = None) -> UUID | None:
+        """Records a finished span in one call; returns its row id, None when tracking is off."""
+        return self._scalar("record_trace", dict(
+            user_id=user_id, trace_id=trace_id, span_id=span_id, span_name=span_name, operation_type=operation_type,
+            conversation_id=conversation_id, parent_span_id=parent_span_id, model_id=model_id, model_name=model_name,
+            model_provider=model_provider, session_tag=session_tag, input_data=_jsonb(input_data),
+            metadata=_jsonb(metadata), start_time=start_time, status=status, output_data=_jsonb(output_data),
+            input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=_numeric(cost_usd),
+            error_message=error_message, end_time=end_time, message_id=message_id),
+            required=("user_id", "trace_id", "span_id", "span_name"))
+
+    def ingest(self, spans: Iterable[Mapping[str, Any]] | str) -> int:
+        """Stores a batch of spans with ingest_traces (all or nothing); returns how many
+        took effect. spans: mappings keyed by record_trace's parameter names, or the JSON
+        text of such an array."""
+        payload = Jsonb(spans, dumps=lambda text: text) if isinstance(spans, str) else Jsonb(list(spans), dumps=dumps)
+        return self._scalar("ingest_traces", dict(spans=payload), required=("spans",))
+
+    @contextmanager
+    def trace(self, user_id: UUID | str | None, span_name: str, *, parent: Span | None = None,
+              trace_id: str | None = None, span_id: str | None = None, conversation_id: UUID | str | None = None,
+              operation_type: str | None = None, model_id: UUID | str | None = None, model_name: str | None = None,
+              model_provider: str | None = None, input_data: Any = None, metadata: Mapping[str, Any] | None = None,
+              message_id: str | None = None) -> Iterator[Span]:
+        """Records the enclosed block as a span: starts it, and ends it when the block ends,
+        with the usage and output set on the yielded Span, status success, or error (the
+        exception as error_message) when the block raises; the exception is re-raised.
+
+        parent: a Span of an enclosing block; the new span joins its trace and conversation.
+        Times are taken here, so the duration is right even inside a transaction.
+        """
+        span = Span(user_id=user_id if user_id is not None else parent.user_id if parent else None,
+                    trace_id=trace_id or (parent.trace_id if parent else new_trace_id()),
+                    span_id=span_id or new_span_id(), span_name=span_name,
+                    conversation_id=conversation_id or (parent.conversation_id if parent else None))
+        span.id = self.start_trace(span.user_id, span.trace_id, span.span_id, span_name,
+                                   operation_type=operation_type, conversation_id=span.conversation_id,
+                                   parent_span_id=parent.span_id if parent else None, model_id=model_id,
+                                   model_name=model_name, model_provider=model_provider, input_data=input_data,
+                                   metadata=metadata, start_time=utcnow(), message_id=message_id)
+        try:
+            yield span
+        except BaseException as exc:
+            if span.id is not None:
+                try:
+                    self._end_span(span, exc)
+                except Exception as end_exc:  # the caller's exception matters more
+                    exc.add_note(f"sessiontag: span {span.span_id} could not be ended: {end_exc}")
+            raise
+        if span.id is not None:
+            self._end_span(span, None)
+
+    def _end_span(self, span: Span, exc: BaseException | None) -> None:
+        status, error_message = outcome(span, exc)
+        self.end_trace(span.user_id, span.trace_id, span.span_id, status=status, output_data=span.output_data,
+                       input_tokens=span.input_tokens, output_tokens=span.output_tokens, cost_usd=span.cost_usd,
+                       error_message=error_message, end_time=utcnow())

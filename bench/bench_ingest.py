@@ -1,0 +1,153 @@
+"""ingest_traces against COPY of the same rows, in the same run on the same server.
+
+One ingest_traces call stores a batch of 20k realistic spans (tagged conversations, span
+trees, usage, JSON payloads). Baselines, each the best of RUNS:
+- COPY into a trigger-free copy of llm_traces, as issue 4 states it
+  (LIKE ... INCLUDING DEFAULTS INCLUDING GENERATED: a bare heap, no index, no check);
+- COPY into a copy with llm_traces' indexes and checks (LIKE ... INCLUDING ALL; LIKE
+  never copies triggers or foreign keys);
+- COPY into sessiontag.llm_traces itself (its indexes, checks and foreign key): the cost
+  of any write path into the table;
+- the parse of the JSON payload alone (SELECT $1::jsonb), which ingest_traces(spans jsonb)
+  pays before its first line runs.
+Rates are spans per second; the ratio is ours / baseline (higher is better).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+
+from bench.common import migrated_database, report
+
+N = 20_000
+RUNS = 3
+COLUMNS = ["user_id", "trace_id", "span_id", "parent_span_id", "conversation_id", "message_id", "span_name",
+           "operation_type", "model_id", "model_name", "model_provider", "start_time", "end_time", "status",
+           "input_tokens", "output_tokens", "cost_usd", "error_message", "input_data", "output_data", "metadata"]
+
+
+def make_spans(rng: random.Random, conversations: list[tuple], models: list[tuple], run: str) -> list[dict]:
+    """N spans: traces of one root LLM call with a retrieval and a tool child, 5% errors."""
+    spans = []
+    base = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    while len(spans) < N:
+        user_id, conversation_id, model_index = rng.choice(conversations)
+        model_id, model_name, provider = models[model_index]
+        trace_id = uuid.UUID(int=rng.getrandbits(128)).hex
+        root = f"{rng.getrandbits(64):016x}"
+        start = base + timedelta(seconds=len(spans), milliseconds=rng.randrange(1000))
+        message_id = f"msg-{run}-{len(spans)}"
+        for k, (name, operation, parent) in enumerate([("chat.completion", "llm_call", None),
+                                                       ("retrieve", "retrieval", root),
+                                                       ("tool.search", "tool_call", root)]):
+            failed = rng.random() < 0.05
+            begin = start + timedelta(milliseconds=40 * k)
+            spans.append({
+                "user_id": str(user_id), "trace_id": trace_id,
+                "span_id": root if k == 0 else f"{rng.getrandbits(64):016x}",
+                "parent_span_id": parent, "conversation_id": str(conversation_id), "message_id": message_id,
+                "span_name": name, "operation_type": operation,
+                "model_id": str(model_id) if k == 0 else None, "model_name": model_name if k == 0 else None,
+                "model_provider": provider if k == 0 else None,
+                "start_time": begin.isoformat(),
+                "end_time": (begin + timedelta(milliseconds=rng.randrange(50, 4000))).isoformat(),
+                "status": "error" if failed else "success",
+                "input_tokens": rng.randrange(20, 2000) if k == 0 else None,
+                "output_tokens": rng.randrange(10, 800) if k == 0 else None,
+                "cost_usd": round(rng.random() / 50, 6) if k == 0 else None,
+                "error_message": "upstream timeout after 30s" if failed else None,
+                "input_data": {"messages": [{"role": "user", "content": "How do I paginate with a keyset?"}]},
+                "output_data": {"text": "Use WHERE (created_at, id) < (last_created_at, last_id) ORDER BY ..."},
+                "metadata": {"app": "bench", "region": "eu-west-1"},
+            })
+    return spans[:N]
+
+
+def copy_text(spans: list[dict]) -> str:
+    """The spans as COPY text rows (\\N for NULL)."""
+    out = io.StringIO()
+    for span in spans:
+        cells = []
+        for column in COLUMNS:
+            value = span.get(column)
+            if value is None:
+                cells.append("\\N")
+            else:
+                text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+                cells.append(text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n"))
+        out.write("\t".join(cells) + "\n")
+    return out.getvalue()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    rng = random.Random(4)
+    with migrated_database() as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        models = []
+        for name, provider, key in [("GPT-4o", "openai", "gpt-4o"), ("Claude 3.5 Sonnet", "anthropic", "claude")]:
+            models.append((conn.execute("SELECT sessiontag.register_model(%s, %s, %s)", [name, provider, key])
+                           .fetchone()[0], name, provider))
+        conversations = []
+        for _ in range(50):
+            user_id = uuid.uuid4()
+            for _ in range(10):
+                m = rng.randrange(len(models))
+                conversation_id = conn.execute("SELECT id FROM sessiontag.create_conversation(%s, %s)",
+                                               [user_id, models[m][0]]).fetchone()[0]
+                conversations.append((user_id, conversation_id, m))
+        conn.execute("CREATE TABLE public.bench_bare"
+                     " (LIKE sessiontag.llm_traces INCLUDING DEFAULTS INCLUDING GENERATED)")
+        conn.execute("CREATE TABLE public.bench_indexed (LIKE sessiontag.llm_traces INCLUDING ALL)")
+        copy_sql = "COPY {} (" + ", ".join(COLUMNS) + ") FROM STDIN"
+
+        best = {k: float("inf") for k in ("ingest", "bare", "indexed", "table", "parse")}
+        stored = 0
+        for run in range(RUNS):
+            spans = make_spans(rng, conversations, models, f"i{run}")
+            payload = json.dumps(spans)
+            rows = copy_text(make_spans(rng, conversations, models, f"c{run}"))
+            conn.execute("TRUNCATE public.bench_bare, public.bench_indexed")
+            conn.execute("VACUUM ANALYZE sessiontag.llm_traces")
+
+            def copy_into(table: str, data: str = rows) -> None:
+                with conn.cursor().copy(copy_sql.format(table)) as copy:
+                    copy.write(data)
+
+            def ingest() -> None:
+                nonlocal stored
+                stored = conn.execute("SELECT sessiontag.ingest_traces(%s::jsonb)", [payload]).fetchone()[0]
+
+            best["bare"] = min(best["bare"], timed(lambda: copy_into("public.bench_bare")))
+            best["indexed"] = min(best["indexed"], timed(lambda: copy_into("public.bench_indexed")))
+            best["table"] = min(best["table"], timed(lambda: copy_into("sessiontag.llm_traces")))
+            best["parse"] = min(best["parse"], timed(lambda: conn.execute("SELECT %s::jsonb IS NULL", [payload])))
+            best["ingest"] = min(best["ingest"], timed(ingest))
+            assert stored == N, f"ingest_traces stored {stored} of {N} spans"
+
+        rate = {k: N / v for k, v in best.items()}
+        print(f"{N} spans per call, {len(payload) / N:.0f} bytes of JSON per span, best of {RUNS} runs;"
+              " rates in spans/s", flush=True)
+        report("ingest_traces vs COPY into a trigger-free copy (LIKE ... INCLUDING DEFAULTS INCLUDING GENERATED)",
+               rate["ingest"], rate["bare"], ">= 0.7 (issue 4)", True)
+        report("ingest_traces vs COPY into a trigger-free copy with llm_traces' indexes and checks (INCLUDING ALL)",
+               rate["ingest"], rate["indexed"], "reference", True)
+        report("ingest_traces vs COPY into sessiontag.llm_traces itself (indexes, checks, foreign key)",
+               rate["ingest"], rate["table"], "reference", True)
+        report("parse of the JSON payload alone (SELECT $1::jsonb) vs COPY into the bare copy",
+               rate["parse"], rate["bare"], "reference: the most any jsonb API can reach", True)
+
+
+if __name__ == "__main__":
+    main()
