@@ -81,7 +81,8 @@ CREATE TABLE sessiontag.llm_traces (
     CHECK (end_time >= start_time)
 );
 COMMENT ON TABLE sessiontag.llm_traces IS 'One row per span of an LLM call; session_tag is the conversation''s tag';
-CREATE INDEX idx_llm_traces_session_tag ON sessiontag.llm_traces (session_tag);
+-- By tag, newest first (see 50_search.sql for the other ordered scans).
+CREATE INDEX idx_llm_traces_session_tag ON sessiontag.llm_traces (session_tag, start_time, user_id, id);
 CREATE INDEX idx_llm_traces_user_session ON sessiontag.llm_traces (user_id, session_tag);
 CREATE INDEX idx_llm_traces_conversation ON sessiontag.llm_traces (user_id, conversation_id);
 
