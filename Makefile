@@ -14,10 +14,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# The main job on the local server: load a workload, then look at it three ways.
 demo: install
 	$(BIN)/sessiontag db start
 	$(BIN)/sessiontag migrate
 	$(BIN)/sessiontag demo
+	@echo; echo '$$ sessiontag sessions list --limit 10'
+	@$(BIN)/sessiontag sessions list --limit 10 2>/dev/null
+	@echo; echo '$$ sessiontag compare'
+	@$(BIN)/sessiontag compare
+	@tag=$$($(BIN)/sessiontag sessions list --limit 1 --format csv | tail -n 1 | cut -d, -f1); \
+	  echo; echo "\$$ sessiontag traces list --tag $$tag"; \
+	  $(BIN)/sessiontag traces list --tag "$$tag" --limit 12 2>/dev/null
 
 test: install
 	$(BIN)/pytest -q

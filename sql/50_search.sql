@@ -300,30 +300,24 @@ BEGIN
 END
 $$;
 
--- The list_sessions row of one session; user_id picks among users holding the same tag.
+-- The list_sessions row of one session. Each user numbers their own sessions, so
+-- several users may hold the same tag: without user_id there is one row per such user.
 CREATE FUNCTION sessiontag.session_summary(session_id text, user_id uuid DEFAULT NULL)
 RETURNS SETOF sessiontag.session_summary
 LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    c sessiontag.conversations;
-    found_rows integer := 0;
 BEGIN
     IF session_summary.session_id IS NULL THEN
         RAISE EXCEPTION 'session_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    FOR c IN SELECT * FROM sessiontag.conversations v
-             WHERE v.session_id = session_summary.session_id
-               AND (session_summary.user_id IS NULL OR v.user_id = session_summary.user_id) LOOP
-        found_rows := found_rows + 1;
-        IF found_rows > 1 THEN
-            RAISE EXCEPTION 'session_id % belongs to several users; give user_id', session_summary.session_id
-                USING ERRCODE = 'cardinality_violation';
-        END IF;
-        RETURN NEXT sessiontag._summarize(c);
-    END LOOP;
+    RETURN QUERY
+    SELECT (sessiontag._summarize(v)).*
+    FROM sessiontag.conversations v
+    WHERE v.session_id = session_summary.session_id
+      AND (session_summary.user_id IS NULL OR v.user_id = session_summary.user_id)
+    ORDER BY v.created_at, v.user_id;
 END
 $$;
 

@@ -189,10 +189,12 @@ def test_list_sessions_pages_and_filters(conn, workload):
     assert one == 2
 
 
-def test_session_summary_needs_user_when_tag_is_shared(conn, workload):
+def test_session_summary_gives_one_row_per_user_holding_the_tag(conn, workload):
     tag = conn.execute("SELECT session_id FROM sessiontag.conversations LIMIT 1").fetchone()[0]
-    with pytest.raises(psycopg.errors.CardinalityViolation):
-        conn.execute("SELECT * FROM sessiontag.session_summary(%s)", [tag])
+    holders = {r[0] for r in conn.execute("SELECT user_id FROM sessiontag.conversations WHERE session_id = %s", [tag])}
+    assert len(holders) == 3
+    rows = conn.execute("SELECT user_id FROM sessiontag.session_summary(%s)", [tag]).fetchall()
+    assert {r[0] for r in rows} == holders and len(rows) == 3
     assert conn.execute("SELECT count(*) FROM sessiontag.session_summary('no-such-tag')").fetchone()[0] == 0
 
 

@@ -2,8 +2,10 @@
 
 from .client import Client
 from .errors import DatabaseError, SessiontagError
-from .types import Conversation, Model, SessionTag
+from .recorder import Recorder
+from .types import Conversation, Model, ModelComparison, SessionSummary, SessionTag, Span, TraceRow, TraceSpan
 
 __version__ = "0.1.0"
 
-__all__ = ["Client", "Conversation", "DatabaseError", "Model", "SessionTag", "SessiontagError", "__version__"]
+__all__ = ["Client", "Conversation", "DatabaseError", "Model", "ModelComparison", "Recorder", "SessionSummary",
+           "SessionTag", "SessiontagError", "Span", "TraceRow", "TraceSpan", "__version__"]

@@ -6,23 +6,23 @@ Every error is one line on stderr and a non-zero exit; SESSIONTAG_DEBUG=1 shows 
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
 import re
 import sys
+from datetime import datetime, timedelta, timezone
 from uuid import UUID
 
 import click
 import psycopg
 
-from . import catalog, migrate
+from . import catalog, migrate, views
 from .client import Client
 from .connection import connect, resolve_dsn
 from .embedded import LocalServer
 from .errors import DatabaseError, SessiontagError
-from .output import FORMATS, render
+from .output import FORMATS, as_dict, render
 
 
 class State:
@@ -237,6 +237,194 @@ def sessions_tracking(state: State, conversation: str, state_word: str, user_id:
     click.echo(f"conversation {conversation}: analytics tracking {'on' if enabled else 'off'}")
 
 
+# -- search and analytics ---------------------------------------------------------------
+class TimeParam(click.ParamType):
+    """An ISO 8601 time (local time when it has no offset), or an age like 30m, 24h, 7d."""
+
+    name = "time"
+    _units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, datetime):
+            return value
+        text = value.strip()
+        if len(text) > 1 and text[-1] in self._units and text[:-1].isdigit():
+            return datetime.now(timezone.utc) - timedelta(**{self._units[text[-1]]: int(text[:-1])})
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            self.fail(f"{value!r} is neither an ISO 8601 time nor an age like 30m, 24h or 7d", param, ctx)
+        return parsed if parsed.tzinfo else parsed.astimezone()
+
+
+TIME = TimeParam()
+
+
+def page_hint(rows: list, limit: int, command: str) -> None:
+    """After a full page, say how to get the next one (on stderr, so output stays parseable)."""
+    if rows and len(rows) == limit:
+        click.echo(f"more: {command} --cursor {rows[-1].cursor}", err=True)
+
+
+TRACE_COLUMNS = ["when", "session", "trace", "span", "status", "ms"]
+
+
+@cli.group()
+def traces() -> None:
+    """Search traces and show span trees."""
+
+
+@traces.command("list")
+@click.option("--user", "user_id", help="Only this user's spans.")
+@click.option("--tag", "session_tag", help="Only this session tag.")
+@click.option("--conversation", "conversation_id", help="Only this conversation.")
+@click.option("--trace", "trace_id", help="Only the spans of this trace.")
+@click.option("--model", "model_name", help="Only spans of this model name.")
+@click.option("--status", type=click.Choice(["running", "success", "error", "cancelled"]))
+@click.option("--operation", "operation_type", help="Only this operation type (llm_call, chain, ...).")
+@click.option("--since", type=TIME, help="Started at or after (ISO time or age: 30m, 24h, 7d).")
+@click.option("--until", type=TIME, help="Started before (ISO time or age).")
+@click.option("--search", help="Literal, case-insensitive text in the tag, trace id, span or model name.")
+@click.option("--roots", "roots_only", is_flag=True, help="Only root spans (one per trace).")
+@click.option("--cursor", "after", help="Continue after this cursor (printed after a full page).")
+@click.option("--limit", "page_size", type=click.IntRange(1, 1000), default=50, show_default=True)
+@format_option
+@pass_state
+def traces_list(state: State, fmt: str, page_size: int, **filters) -> None:
+    """List spans, newest first."""
+    with state.client() as client:
+        rows = client.list_traces(page_size=page_size, **filters)
+    if fmt == "table":
+        emit([{"when": views.local_time(r.start_time, with_date="short"), "session": r.session_tag or "-",
+               "trace": views.clip(r.trace_id, 8), "span": views.clip(r.span_name, 14),
+               "status": r.status, "ms": views.ms(r.duration_ms)} for r in rows], fmt, TRACE_COLUMNS)
+    else:
+        emit(rows, fmt)
+    page_hint(rows, page_size, "sessiontag traces list ...")
+
+
+@traces.command("show")
+@click.argument("trace_id")
+@click.option("--user", "user_id", help="The trace's user (needed when several users have this trace id).")
+@format_option
+@pass_state
+def traces_show(state: State, trace_id: str, user_id: str | None, fmt: str) -> None:
+    """Show every span of TRACE_ID as a tree."""
+    with state.client() as client:
+        if user_id is None:
+            users = {r.user_id for r in client.list_traces(trace_id=trace_id, page_size=1000)}
+            if len(users) > 1:
+                raise SessiontagError(f"trace {trace_id} exists for {len(users)} users; give --user")
+            user_id = next(iter(users), None)
+        spans = client.get_trace(user_id, trace_id) if user_id else []
+        if not spans:
+            raise SessiontagError(f"no trace {trace_id}" + (f" for user {user_id}" if user_id else ""))
+        tags = {s.session_tag for s in spans if s.session_tag}
+        badge = client.session_badge(next(iter(tags)), spans[0].user_id) if len(tags) == 1 else None
+    if fmt != "table":
+        emit(spans, fmt)
+        return
+    root = spans[0]
+    click.echo(f"trace {trace_id}  user {root.user_id}")
+    click.echo(f"session {', '.join(sorted(tags)) or '-'}" + (f"  {badge}" if badge else ""))
+    click.echo(f"started {views.local_time(root.start_time)}")
+    click.echo()
+    for line in views.span_tree(as_dict(s) for s in spans):
+        click.echo(line)
+
+
+SESSION_COLUMNS = ["session", "model", "traces", "errors", "tokens", "cost", "p50"]
+
+
+def _session_cells(s) -> dict:
+    return {"session": s.session_id, "model": views.clip(s.model_name, 14), "traces": s.trace_count,
+            "errors": s.error_count, "tokens": views.count(s.input_tokens + s.output_tokens),
+            "cost": f"${s.cost_usd:.4f}", "p50": views.ms(s.p50_ms)}
+
+
+@sessions.command("list")
+@click.option("--user", "user_id", help="Only this user's sessions.")
+@click.option("--model", help="Only sessions of this model (id or key).")
+@click.option("--since", type=TIME, help="Created at or after (ISO time or age: 30m, 24h, 7d).")
+@click.option("--until", type=TIME, help="Created before (ISO time or age).")
+@click.option("--cursor", "after", help="Continue after this cursor (printed after a full page).")
+@click.option("--limit", "page_size", type=click.IntRange(1, 1000), default=50, show_default=True)
+@format_option
+@pass_state
+def sessions_list(state: State, user_id, model, since, until, after, page_size, fmt) -> None:
+    """List tagged sessions with their metrics, newest first."""
+    with state.client() as client:
+        model_id = resolve_model(client, model) if model else None
+        rows = client.list_sessions(user_id=user_id, model_id=model_id, since=since, until=until, after=after,
+                                    page_size=page_size)
+    if fmt == "table":
+        emit([_session_cells(s) for s in rows], fmt, SESSION_COLUMNS)
+    else:
+        emit(rows, fmt)
+    page_hint(rows, page_size, "sessiontag sessions list ...")
+
+
+@sessions.command("show")
+@click.argument("tag")
+@click.option("--user", "user_id", help="The session's user (needed when several users hold this tag).")
+@format_option
+@pass_state
+def sessions_show(state: State, tag: str, user_id: str | None, fmt: str) -> None:
+    """Show a session: badge, full tag and metrics (one block per user holding TAG)."""
+    with state.client() as client:
+        summaries = client.session_summary(tag, user_id)
+    if not summaries:
+        raise SessiontagError(f"no session {tag}" + (f" for user {user_id}" if user_id else ""))
+    if fmt != "table":
+        emit(summaries, fmt)
+        return
+    for i, s in enumerate(summaries):
+        pairs = [("badge", s.badge), ("session", s.session_id), ("user", s.user_id),
+                 ("conversation", s.conversation_id), ("model", f"{s.model_name} ({s.model_id})" if s.model_id else "-"),
+                 ("traces", s.trace_count), ("errors", s.error_count),
+                 ("tokens", f"{s.input_tokens} in, {s.output_tokens} out"), ("cost", f"${s.cost_usd:.6f}"),
+                 ("latency", f"p50 {views.ms(s.p50_ms)}, p95 {views.ms(s.p95_ms)}"),
+                 ("first", views.local_time(s.first_at)), ("last", views.local_time(s.last_at))]
+        width = max(len(k) for k, _ in pairs)
+        if i:
+            click.echo()
+        for key, value in pairs:
+            click.echo(f"{key:<{width}}  {value}")
+
+
+COMPARE_COLUMNS = ["model", "sessions", "traces", "errors", "p50", "p95", "tokens", "$/session"]
+
+
+@cli.command("compare")
+@click.option("--user", "user_id", help="Only this user's sessions.")
+@click.option("--model", "models_", multiple=True, help="Only these models (id or key; repeat the option).")
+@click.option("--since", type=TIME, help="Sessions created at or after (ISO time or age: 30m, 24h, 7d).")
+@click.option("--until", type=TIME, help="Sessions created before (ISO time or age).")
+@format_option
+@pass_state
+def compare_cmd(state: State, user_id, models_, since, until, fmt) -> None:
+    """Compare models session by session, side by side."""
+    with state.client() as client:
+        model_ids = [resolve_model(client, m) for m in models_] or None
+        rows = client.compare_models(user_id=user_id, model_ids=model_ids, since=since, until=until)
+    if fmt != "table":
+        emit(rows, fmt)
+        return
+    emit([{"model": views.clip(r.model_name, 18), "sessions": r.sessions, "traces": r.traces,
+           "errors": "-" if r.error_rate is None else f"{r.error_rate:.1%}", "p50": views.ms(r.p50_ms),
+           "p95": views.ms(r.p95_ms), "tokens": views.count(r.input_tokens + r.output_tokens),
+           "$/session": f"{r.cost_per_session:.4f}"} for r in rows], fmt, COMPARE_COLUMNS)
+    if rows:
+        click.echo()
+        chart = [dict(model_name=r.model_name, p50=r.p50_ms, cost=float(r.cost_per_session),
+                      errors=r.error_rate) for r in rows]
+        for line in views.comparison_chart(chart, [
+                ("p50", "p50 latency", views.ms),
+                ("cost", "cost per session", lambda v: f"${v:.4f}"),
+                ("errors", "error rate", lambda v: "-" if v is None else f"{v:.1%}")]):
+            click.echo(line)
+
+
 # -- ingest -------------------------------------------------------------------------
 _BAD_ELEMENT = re.compile(r"^spans\[(\d+)\](\.|: )(.*)$", re.DOTALL)
 
@@ -300,15 +488,18 @@ def ingest_cmd(state: State, source, batch_size: int, progress: bool | None) -> 
 # -- demo ---------------------------------------------------------------------------
 @cli.command("demo")
 @click.option("--seed", type=int, help="Random seed, for a repeatable workload.")
-@format_option
+@click.option("--users", type=click.IntRange(1, 1000), default=5, show_default=True)
 @pass_state
-def demo_cmd(state: State, seed: int | None, fmt: str) -> None:
-    """Load a realistic multi-user, multi-model workload and show it."""
+def demo_cmd(state: State, seed: int | None, users: int) -> None:
+    """Load a realistic multi-user, multi-model workload through the SQL API."""
     from . import demo
 
     with state.client() as client:
-        created = demo.run(client, seed)
-    emit(created, fmt, ["user", "badge", "session_id", "title"])
+        result = demo.run(client, seed, users)
+        tag = client.list_sessions(page_size=1)[0].session_id
+    click.echo(f"loaded {result.sessions} sessions of {result.users} users with {result.traces} traces "
+               f"({result.spans} spans) across {len(demo.MODELS)} models")
+    click.echo(f"next: sessiontag sessions list | sessiontag compare | sessiontag traces list --tag {tag}")
 
 
 # -- entry point --------------------------------------------------------------------

@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 
 from .connection import connect, resolve_dsn
 from .errors import DatabaseError
-from .types import Conversation, Model, SessionTag, Span
+from .types import Conversation, Model, ModelComparison, SessionSummary, SessionTag, Span, TraceRow, TraceSpan
 
 
 # -- spans: ids, JSON and outcomes, shared with sessiontag.recorder --------------------
@@ -252,3 +252,39 @@ class Client:
         self.end_trace(span.user_id, span.trace_id, span.span_id, status=status, output_data=span.output_data,
                        input_tokens=span.input_tokens, output_tokens=span.output_tokens, cost_usd=span.cost_usd,
                        error_message=error_message, end_time=utcnow())
+
+    # -- search and analytics ---------------------------------------------------------
+    def list_traces(self, user_id: UUID | str | None = None, session_tag: str | None = None,
+                    conversation_id: UUID | str | None = None, trace_id: str | None = None,
+                    model_name: str | None = None, status: str | None = None, operation_type: str | None = None,
+                    since: datetime | None = None, until: datetime | None = None, search: str | None = None,
+                    roots_only: bool | None = None, after: str | None = None,
+                    page_size: int | None = None) -> list[TraceRow]:
+        """One page of spans, newest first; pass the last row's cursor as `after` for the next."""
+        return self._call("list_traces", dict(
+            user_id=user_id, session_tag=session_tag, conversation_id=conversation_id, trace_id=trace_id,
+            model_name=model_name, status=status, operation_type=operation_type, since=since, until=until,
+            search=search, roots_only=roots_only, after=after, page_size=page_size), row_type=TraceRow, table=True)
+
+    def get_trace(self, user_id: UUID | str, trace_id: str) -> list[TraceSpan]:
+        """Every span of one trace, parents before children, with depth."""
+        return self._call("get_trace", dict(user_id=user_id, trace_id=trace_id), row_type=TraceSpan, table=True,
+                          required=("user_id", "trace_id"))
+
+    def list_sessions(self, user_id: UUID | str | None = None, model_id: UUID | str | None = None,
+                      since: datetime | None = None, until: datetime | None = None, after: str | None = None,
+                      page_size: int | None = None) -> list[SessionSummary]:
+        """One page of tagged conversations with their metrics, newest first."""
+        return self._call("list_sessions", dict(user_id=user_id, model_id=model_id, since=since, until=until,
+                                                after=after, page_size=page_size), row_type=SessionSummary, table=True)
+
+    def session_summary(self, session_id: str, user_id: UUID | str | None = None) -> list[SessionSummary]:
+        """The session with this tag: one row per user holding it (one row with user_id)."""
+        return self._call("session_summary", dict(session_id=session_id, user_id=user_id), row_type=SessionSummary,
+                          table=True, required=("session_id",))
+
+    def compare_models(self, user_id: UUID | str | None = None, model_ids: list[UUID | str] | None = None,
+                       since: datetime | None = None, until: datetime | None = None) -> list[ModelComparison]:
+        ids = [UUID(str(m)) for m in model_ids] if model_ids is not None else None
+        return self._call("compare_models", dict(user_id=user_id, model_ids=ids, since=since, until=until),
+                          row_type=ModelComparison, table=True)

@@ -1,35 +1,123 @@
-"""`sessiontag demo`: a small realistic workload through the SQL API."""
+"""`sessiontag demo`: a realistic workload through the SQL API.
+
+Several users chat with three models; every conversation has a few turns, and every turn
+is a trace: a root span, a retrieval step, the LLM call, and now and then a tool call
+with a nested LLM call. Models differ in latency, error rate and price, so `compare`
+has something to say. Most conversations are tagged at creation, the others by their
+first trace.
+"""
 
 from __future__ import annotations
 
 import random
 import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 
 from .client import Client
 
-MODELS = [("GPT-4o", "openai", "gpt-4o"), ("Claude 3.5 Sonnet", "anthropic", "claude-3-5-sonnet"),
-          ("Llama 3.1 70B", "meta", "llama-3.1-70b")]
-USERS = 4
-CONVERSATIONS_PER_USER = 6
+
+@dataclass(frozen=True)
+class DemoModel:
+    name: str
+    provider: str
+    key: str
+    latency_ms: tuple[int, int]   # typical range of one completion
+    error_rate: float
+    usd_per_1k_tokens: Decimal
+
+
+MODELS = [
+    DemoModel("GPT-4o", "openai", "gpt-4o", (600, 2400), 0.04, Decimal("0.0075")),
+    DemoModel("Claude 3.5 Sonnet", "anthropic", "claude-3-5-sonnet", (800, 3000), 0.03, Decimal("0.0090")),
+    DemoModel("Llama 3.1 70B", "meta", "llama-3.1-70b", (400, 5200), 0.09, Decimal("0.0009")),
+]
 TITLES = ["Refactor a SQL query", "Plan a trip to Lisbon", "Explain keyset pagination", "Draft a cover letter",
-          "Debug a flaky test", "Summarize a paper", "Name a new product", "Write a haiku about Postgres"]
+          "Debug a flaky test", "Summarize a paper", "Name a new product", "Write a haiku about Postgres",
+          "Compare two laptops", "Translate a menu"]
+ERRORS = ["rate limit exceeded (429)", "context length exceeded", "upstream timeout after 30s"]
 
 
-def run(client: Client, seed: int | None = None) -> list[dict]:
-    """Register the models and create tagged conversations; returns what was created."""
+@dataclass
+class DemoResult:
+    users: int
+    sessions: int
+    traces: int
+    spans: int
+
+
+def _completion(rng: random.Random, model: DemoModel, model_id, start: datetime, name: str) -> dict:
+    low, high = model.latency_ms
+    latency = rng.uniform(low, high) * (4 if rng.random() < 0.05 else 1)  # a few slow calls
+    failed = rng.random() < model.error_rate
+    input_tokens = rng.randint(200, 2500)
+    output_tokens = 0 if failed else rng.randint(50, 900)
+    return dict(span_name=name, operation_type="llm_call", model_id=str(model_id), model_name=model.name,
+                model_provider=model.provider, start_time=start.isoformat(),
+                end_time=(start + timedelta(milliseconds=latency)).isoformat(),
+                status="error" if failed else "success",
+                error_message=rng.choice(ERRORS) if failed else None,
+                input_tokens=input_tokens, output_tokens=output_tokens,
+                cost_usd=str((model.usd_per_1k_tokens * (input_tokens + output_tokens) / 1000).quantize(Decimal("1e-8"))))
+
+
+def _turn(rng: random.Random, model: DemoModel, model_id, user_id, conversation_id, start: datetime) -> list[dict]:
+    """The spans of one chat turn, children first-class: each carries its own usage only."""
+    trace_id = uuid.uuid4().hex
+    base = dict(user_id=str(user_id), trace_id=trace_id, conversation_id=str(conversation_id))
+    spans = []
+    t = start + timedelta(milliseconds=rng.randint(5, 40))
+    retrieval_end = t + timedelta(milliseconds=rng.randint(30, 250))
+    spans.append(dict(base, span_id="retrieve", parent_span_id="turn", span_name="retrieve context",
+                      operation_type="retrieval", start_time=t.isoformat(), end_time=retrieval_end.isoformat(),
+                      status="success"))
+    t = retrieval_end
+    if rng.random() < 0.25:  # a tool call that itself asks the model to summarize
+        tool_end = t + timedelta(milliseconds=rng.randint(300, 1500))
+        spans.append(dict(base, span_id="tool", parent_span_id="turn", span_name="tool: web_search",
+                          operation_type="tool", start_time=t.isoformat(), end_time=tool_end.isoformat(),
+                          status="success"))
+        summary = _completion(rng, model, model_id, t + timedelta(milliseconds=100), "summarize results")
+        summary_end = datetime.fromisoformat(summary["end_time"])
+        if summary_end > tool_end:
+            spans[-1]["end_time"] = summary_end.isoformat()
+        spans.append(dict(base, span_id="tool-llm", parent_span_id="tool", **summary))
+        t = max(tool_end, summary_end)
+    answer = _completion(rng, model, model_id, t, "completion")
+    spans.append(dict(base, span_id="llm", parent_span_id="turn", **answer))
+    end = datetime.fromisoformat(answer["end_time"]) + timedelta(milliseconds=rng.randint(2, 20))
+    failed = any(s["status"] == "error" for s in spans)
+    spans.insert(0, dict(base, span_id="turn", span_name="chat turn", operation_type="chain",
+                         model_id=str(model_id), start_time=start.isoformat(), end_time=end.isoformat(),
+                         status="error" if failed else "success",
+                         error_message=next((s["error_message"] for s in spans if s.get("error_message")), None)))
+    return spans
+
+
+def run(client: Client, seed: int | None = None, users: int = 5) -> DemoResult:
+    """Register the models and load conversations with their traces."""
     rng = random.Random(seed)
-    model_ids = [client.register_model(name, provider, key) for name, provider, key in MODELS]
-    created = []
-    for u in range(USERS):
+    model_ids = [client.register_model(m.name, m.provider, m.key) for m in MODELS]
+    now = datetime.now(timezone.utc)
+    sessions = traces = spans = 0
+    for _ in range(users):
         user_id = uuid.UUID(int=rng.getrandbits(128), version=4)
-        for _ in range(CONVERSATIONS_PER_USER):
-            model_id = rng.choice(model_ids)
-            if rng.random() < 0.7:  # tagged at creation
-                conv = client.create_conversation(user_id, model_id, title=rng.choice(TITLES))
-            else:  # tagged at the first message
-                conv = client.create_conversation(user_id, title=rng.choice(TITLES))
-                client.ensure_session_tag(conv.id, model_id)
-            tag = client.ensure_session_tag(conv.id)
-            created.append({"user": f"user {u + 1}", "badge": client.session_badge(tag, user_id),
-                            "session_id": tag, "title": conv.title, "conversation_id": conv.id})
-    return created
+        for _ in range(rng.randint(4, 8)):
+            pick = rng.randrange(len(MODELS))
+            model, model_id = MODELS[pick], model_ids[pick]
+            title = rng.choice(TITLES)
+            if rng.random() < 0.7:
+                conversation = client.create_conversation(user_id, model_id, title=title)  # tagged at creation
+            else:
+                conversation = client.create_conversation(user_id, title=title)  # tagged by its first trace
+            start = now - timedelta(days=rng.uniform(0.1, 7))
+            batch = []
+            for _ in range(rng.randint(2, 6)):
+                turn = _turn(rng, model, model_id, user_id, conversation.id, start)
+                batch += turn
+                start = datetime.fromisoformat(turn[0]["end_time"]) + timedelta(seconds=rng.randint(10, 240))
+                traces += 1
+            spans += client.ingest(batch)
+            sessions += 1
+    return DemoResult(users=users, sessions=sessions, traces=traces, spans=spans)

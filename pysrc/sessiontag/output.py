@@ -11,7 +11,10 @@ from decimal import Decimal
 from typing import Any, Iterable
 from uuid import UUID
 
+import tabulate as _tabulate
 from tabulate import tabulate
+
+_tabulate.MIN_PADDING = 0  # columns as wide as their widest cell: tables fit 80 columns
 
 FORMATS = ("table", "json", "csv")
 
@@ -27,7 +30,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (UUID, Decimal)):
         return str(value)
     if isinstance(value, datetime):
-        return value.isoformat()
+        return value.astimezone().isoformat()  # the user's time zone
     return value
 
 

@@ -91,3 +91,102 @@ class Span:
         self.status = status
         if error_message is not None:
             self.error_message = error_message
+
+
+@dataclass(frozen=True)
+class TraceRow:
+    """A span as list_traces returns it: the trace columns plus the list's cursor."""
+    id: UUID
+    user_id: UUID
+    session_tag: str | None
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None
+    conversation_id: UUID | None
+    message_id: str | None
+    span_name: str
+    operation_type: str
+    model_id: UUID | None
+    model_name: str | None
+    model_provider: str | None
+    status: str
+    start_time: datetime
+    end_time: datetime | None
+    duration_ms: float | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cost_usd: Decimal | None
+    error_message: str | None
+    input_data: Any
+    output_data: Any
+    metadata: Any
+    created_at: datetime
+    cursor: str
+
+
+@dataclass(frozen=True)
+class TraceSpan:
+    """A span as get_trace returns it: the trace columns plus its depth in the tree."""
+    id: UUID
+    user_id: UUID
+    session_tag: str | None
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None
+    conversation_id: UUID | None
+    message_id: str | None
+    span_name: str
+    operation_type: str
+    model_id: UUID | None
+    model_name: str | None
+    model_provider: str | None
+    status: str
+    start_time: datetime
+    end_time: datetime | None
+    duration_ms: float | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cost_usd: Decimal | None
+    error_message: str | None
+    input_data: Any
+    output_data: Any
+    metadata: Any
+    created_at: datetime
+    depth: int
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    session_id: str
+    badge: str
+    user_id: UUID
+    conversation_id: UUID
+    model_id: UUID | None
+    model_name: str | None
+    counter: int | None
+    trace_count: int
+    error_count: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: Decimal
+    p50_ms: float | None
+    p95_ms: float | None
+    first_at: datetime
+    last_at: datetime
+    cursor: str
+
+
+@dataclass(frozen=True)
+class ModelComparison:
+    model_id: UUID
+    model_name: str
+    provider: str | None
+    sessions: int
+    traces: int
+    error_rate: float | None
+    p50_ms: float | None
+    p95_ms: float | None
+    input_tokens: int
+    output_tokens: int
+    cost_usd: Decimal
+    cost_per_session: Decimal

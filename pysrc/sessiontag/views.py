@@ -1,0 +1,93 @@
+"""Terminal views of search results: the span tree and the model comparison chart."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Iterable
+
+
+def local_time(value: datetime | None, with_date: bool | str = True) -> str:
+    """In the user's time zone; with_date="short" drops the year, for narrow tables."""
+    if value is None:
+        return ""
+    value = value.astimezone()
+    if with_date == "short":
+        return value.strftime("%m-%d %H:%M:%S")
+    return value.strftime("%Y-%m-%d %H:%M:%S" if with_date else "%H:%M:%S")
+
+
+def ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1000:.2f}s" if value >= 10_000 else f"{value:.0f}ms"
+
+
+def count(value: int | None) -> str:
+    """1234 -> '1.2k', for narrow columns."""
+    if value is None:
+        return "-"
+    if value >= 1_000_000:
+        return f"{value / 1_000_000:.1f}M"
+    return f"{value / 1000:.1f}k" if value >= 10_000 else str(value)
+
+
+def clip(text: str | None, width: int) -> str:
+    text = text or ""
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def _has_next_sibling(spans: list[dict], index: int) -> bool:
+    """Does another span at this span's depth follow before the tree climbs above it?"""
+    depth = spans[index]["depth"]
+    for later in spans[index + 1:]:
+        if later["depth"] < depth:
+            return False
+        if later["depth"] == depth:
+            return True
+    return False
+
+
+def span_tree(spans: Iterable[dict]) -> list[str]:
+    """Spans in get_trace order (parents first, with depth) drawn as a tree."""
+    spans = list(spans)
+    lines = []
+    open_rails: list[bool] = []  # per depth: does the ancestor at that depth have a sibling to come?
+    for i, span in enumerate(spans):
+        depth = span["depth"]
+        last = not _has_next_sibling(spans, i)
+        del open_rails[depth:]
+        prefix = "".join("│  " if rail else "   " for rail in open_rails[1:])
+        if depth > 0:
+            prefix += "└─ " if last else "├─ "
+        open_rails.append(not last)
+        status = "" if span["status"] == "success" else f" [{span['status']}]"
+        usage = ""
+        if span.get("input_tokens") is not None or span.get("output_tokens") is not None:
+            usage = f" {span.get('input_tokens') or 0}→{span.get('output_tokens') or 0} tok"
+        model = f" {span['model_name']}" if span.get("model_name") else ""
+        lines.append(f"{prefix}{span['span_name']} ({span['operation_type']}){model} "
+                     f"{ms(span.get('duration_ms'))}{usage}{status}")
+        if span.get("error_message"):
+            rails = "".join("│  " if rail else "   " for rail in open_rails[1:])
+            lines.append(f"{rails}   ! {clip(span['error_message'], 70)}")
+    return lines
+
+
+def bar(value: float | None, largest: float | None, width: int = 20) -> str:
+    if not value or not largest:
+        return ""
+    filled = max(1, round(width * value / largest))
+    return "█" * filled
+
+
+def comparison_chart(rows: list[dict], metrics: list[tuple[str, str, Any]], width: int = 24) -> list[str]:
+    """For each metric, one bar per model: `label  model  bar  value`."""
+    lines = []
+    name_width = min(max((len(r["model_name"]) for r in rows), default=5), 18)
+    for key, label, fmt in metrics:
+        largest = max((r[key] or 0 for r in rows), default=0)
+        lines.append(label)
+        for r in rows:
+            lines.append(f"  {clip(r['model_name'], name_width):<{name_width}}  "
+                         f"{bar(float(r[key] or 0), float(largest or 0), width):<{width}}  {fmt(r[key])}")
+    return lines

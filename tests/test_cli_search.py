@@ -1,0 +1,118 @@
+"""The engineer's CLI over search and analytics: output parsed back, pagination, errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from sessiontag import Client
+from tests.test_migrations import _one_line_error, sessiontag_cli
+
+
+@pytest.fixture
+def demo_dsn(dsn):
+    loaded = sessiontag_cli("--dsn", dsn, "demo", "--seed", "11", "--users", "3")
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.startswith("loaded ")
+    return dsn
+
+
+def cli_json(dsn, *args):
+    result = sessiontag_cli("--dsn", dsn, *args, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_demo_loads_a_realistic_workload(demo_dsn):
+    with Client.connect(demo_dsn) as client:
+        sessions = client.list_sessions(page_size=1000)
+        models = {s.model_name for s in sessions}
+        users = {s.user_id for s in sessions}
+        spans = client.list_traces(page_size=1000)
+    assert len(models) == 3 and len(users) == 3
+    assert all(s.trace_count >= 2 for s in sessions), "conversations with several turns"
+    assert {s.operation_type for s in spans} >= {"chain", "retrieval", "llm_call"}
+    assert any(s.parent_span_id for s in spans) and any(s.status == "error" for s in spans)
+    assert all(s.session_tag for s in spans), "every trace carries its session tag"
+
+
+def test_traces_list_json_and_csv_agree_and_filter_by_tag(demo_dsn):
+    tag = cli_json(demo_dsn, "sessions", "list", "--limit", "1")[0]["session_id"]
+    rows = cli_json(demo_dsn, "traces", "list", "--tag", tag, "--limit", "1000")
+    assert rows and all(r["session_tag"] == tag for r in rows)
+    result = sessiontag_cli("--dsn", demo_dsn, "traces", "list", "--tag", tag, "--limit", "1000", "--format", "csv")
+    parsed = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["id"] for r in parsed] == [r["id"] for r in rows]
+    assert parsed[0]["start_time"] == rows[0]["start_time"]
+
+
+def test_traces_list_pages_with_cursor_cover_everything(demo_dsn):
+    seen, cursor = [], None
+    while True:
+        args = ["traces", "list", "--limit", "40"] + (["--cursor", cursor] if cursor else [])
+        result = sessiontag_cli("--dsn", demo_dsn, *args, "--format", "json")
+        page = json.loads(result.stdout)
+        seen += [r["id"] for r in page]
+        if len(page) < 40:
+            assert "more:" not in result.stderr
+            break
+        assert result.stderr.startswith("more: ")
+        cursor = result.stderr.split("--cursor ")[1].strip()
+    with Client.connect(demo_dsn) as client:
+        total = client.conn.execute("SELECT count(*) FROM sessiontag.llm_traces").fetchone()[0]
+    assert len(seen) == len(set(seen)) == total
+
+
+def test_tables_fit_80_columns(demo_dsn):
+    for args in (["traces", "list"], ["sessions", "list"], ["compare"]):
+        result = sessiontag_cli("--dsn", demo_dsn, *args)
+        assert result.returncode == 0, result.stderr
+        widest = max(len(line) for line in result.stdout.splitlines())
+        assert widest <= 80, (args, widest)
+
+
+def test_traces_show_draws_the_span_tree(demo_dsn):
+    root = cli_json(demo_dsn, "traces", "list", "--roots", "--limit", "1")[0]
+    result = sessiontag_cli("--dsn", demo_dsn, "traces", "show", root["trace_id"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"trace {root['trace_id']}")
+    assert root["session_tag"] in lines[1]
+    tree = lines[lines.index("") + 1:]
+    assert tree[0].startswith("chat turn (chain)") and tree[-1].lstrip("│ ").startswith("└─ ")
+    spans = cli_json(demo_dsn, "traces", "show", root["trace_id"])
+    assert spans[0]["depth"] == 0 and {s["depth"] for s in spans[1:]} >= {1}
+    assert len(tree) >= len(spans)
+
+
+def test_sessions_list_show_and_compare(demo_dsn):
+    sessions = cli_json(demo_dsn, "sessions", "list", "--limit", "1000")
+    s = sessions[0]
+    assert s["badge"].startswith("[") and s["trace_count"] >= 2
+    shown = cli_json(demo_dsn, "sessions", "show", s["session_id"], "--user", s["user_id"])
+    assert shown == [s]
+    table = sessiontag_cli("--dsn", demo_dsn, "sessions", "show", s["session_id"], "--user", s["user_id"]).stdout
+    assert s["badge"] in table and s["session_id"] in table
+    compared = cli_json(demo_dsn, "compare")
+    assert {c["model_name"] for c in compared} == {"GPT-4o", "Claude 3.5 Sonnet", "Llama 3.1 70B"}
+    assert sum(c["sessions"] for c in compared) == len(sessions)
+    chart = sessiontag_cli("--dsn", demo_dsn, "compare", "--model", "gpt-4o", "--model", "llama-3.1-70b").stdout
+    assert "█" in chart and "Claude" not in chart and "p50 latency" in chart
+    by_model = cli_json(demo_dsn, "sessions", "list", "--model", "gpt-4o", "--limit", "1000")
+    assert by_model and all(r["model_name"] == "GPT-4o" for r in by_model)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["traces", "list", "--since", "yesterday"], "neither an ISO 8601 time"),
+    (["traces", "list", "--cursor", "nonsense"], "after is not a cursor"),
+    (["traces", "show", "no-such-trace"], "no trace no-such-trace"),
+    (["sessions", "show", "no-such-tag"], "no session no-such-tag"),
+    (["sessions", "list", "--model", "no-such-model"], "no model with id or key"),
+    (["traces", "list", "--user", "not-a-uuid"], "22P02"),
+    (["traces", "list", "--limit", "0"], "--limit"),
+])
+def test_cli_search_errors_are_one_line(dsn, args, expected):
+    assert expected in _one_line_error(sessiontag_cli("--dsn", dsn, *args))
