@@ -23,7 +23,7 @@ demo: install
 	@$(BIN)/sessiontag sessions list --limit 10 2>/dev/null
 	@echo; echo '$$ sessiontag compare'
 	@$(BIN)/sessiontag compare
-	@tag=$$($(BIN)/sessiontag sessions list --limit 1 --format csv | tail -n 1 | cut -d, -f1); \
+	@tag=$$($(BIN)/sessiontag sessions list --limit 1 --format csv 2>/dev/null | tail -n 1 | cut -d, -f1); \
 	  echo; echo "\$$ sessiontag traces list --tag $$tag"; \
 	  $(BIN)/sessiontag traces list --tag "$$tag" --limit 12 2>/dev/null
 
