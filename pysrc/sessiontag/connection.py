@@ -37,6 +37,7 @@ def connect(dsn: str, **kwargs) -> psycopg.Connection:
     except psycopg.ProgrammingError as exc:
         raise SessiontagError(f"invalid DSN: {str(exc).strip().splitlines()[0]}") from None
     except psycopg.OperationalError as exc:
+        # libpq: 'connection to server at "h", port p failed: <reason>' then hints.
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        reason = lines[-1] if lines else "unknown error"
+        reason = "; ".join([lines[0].rsplit("failed: ", 1)[-1], *lines[1:]]) if lines else "unknown error"
         raise SessiontagError(f"cannot connect to {describe(dsn)}: {reason}") from None
