@@ -25,9 +25,11 @@ END
 $$;
 
 -- Trigger: assigns short_id on insert and keeps id and short_id fixed afterwards.
+-- SECURITY DEFINER: _next_free_short_id is the owner's alone.
 CREATE FUNCTION sessiontag._llm_models_short_id()
 RETURNS trigger
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN

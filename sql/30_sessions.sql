@@ -63,22 +63,31 @@ END
 $$;
 
 -- Takes the next tag of (user_id, model_id). NULL, never an error, when an argument is
--- NULL or the model is unknown or not tracked. The number belongs to the caller's
--- transaction: commit it with the conversation that carries the tag.
+-- NULL or the model is unknown or not tracked, and for a user-scoped caller (see
+-- 60_access.sql) when user_id is another user or the model another owner's (only a
+-- missing sessiontag.user_id raises, as a missing privilege does). The number belongs to
+-- the caller's transaction: commit it with the conversation that carries the tag.
+-- SECURITY DEFINER: it writes the counters, which no caller may write.
 CREATE FUNCTION sessiontag.generate_session_tag(user_id uuid, model_id uuid)
 RETURNS sessiontag.session_tag
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     m sessiontag.llm_models;
     n bigint;
+    scoped uuid;
 BEGIN
     IF generate_session_tag.user_id IS NULL OR generate_session_tag.model_id IS NULL THEN
         RETURN NULL;
     END IF;
+    scoped := sessiontag._scoped_user();
+    IF generate_session_tag.user_id <> scoped THEN
+        RETURN NULL;
+    END IF;
     SELECT * INTO m FROM sessiontag.llm_models
-    WHERE id = generate_session_tag.model_id AND tracked;
+    WHERE id = generate_session_tag.model_id AND tracked AND (scoped IS NULL OR owner_id IS NULL OR owner_id = scoped);
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
@@ -88,26 +97,29 @@ END
 $$;
 
 -- n consecutive tags of (user_id, model_id) in one call. No rows when an argument is
--- NULL or the model is unknown or not tracked.
+-- NULL or the model is unknown or not tracked, or when generate_session_tag would
+-- answer NULL to a user-scoped caller.
 CREATE FUNCTION sessiontag.generate_session_tags(user_id uuid, model_id uuid, n integer)
 RETURNS SETOF sessiontag.session_tag
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     m sessiontag.llm_models;
     last bigint;
+    scoped uuid := sessiontag._scoped_user();
 BEGIN
     IF generate_session_tags.n IS NULL OR generate_session_tags.n < 0 OR generate_session_tags.n > 100000 THEN
         RAISE EXCEPTION 'n must be between 0 and 100000, got %', coalesce(generate_session_tags.n::text, 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF generate_session_tags.user_id IS NULL OR generate_session_tags.model_id IS NULL
-       OR generate_session_tags.n = 0 THEN
+       OR generate_session_tags.n = 0 OR generate_session_tags.user_id <> scoped THEN
         RETURN;
     END IF;
     SELECT * INTO m FROM sessiontag.llm_models
-    WHERE id = generate_session_tags.model_id AND tracked;
+    WHERE id = generate_session_tags.model_id AND tracked AND (scoped IS NULL OR owner_id IS NULL OR owner_id = scoped);
     IF NOT FOUND THEN
         RETURN;
     END IF;
@@ -122,16 +134,19 @@ $$;
 -- every tag written by a caller. A caller may give its own session_id (a manual tag);
 -- one in the automatic form must have been issued by generate_session_tag(s) for this
 -- user and model, so it can never collide with a tag handed out later. A tag, once
--- set, never changes.
+-- set, never changes. SECURITY DEFINER: it writes the counters; a user-scoped caller may
+-- only write its own user's conversations, with the shared models or its own.
 CREATE FUNCTION sessiontag._conversations_tag()
 RETURNS trigger
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     m sessiontag.llm_models;
     parts text[];
     issued bigint;
+    scoped uuid := sessiontag._check_user(NEW.user_id);
 BEGIN
     IF TG_OP = 'UPDATE' THEN
         IF OLD.session_id IS NOT NULL AND (NEW.session_id IS DISTINCT FROM OLD.session_id
@@ -149,7 +164,8 @@ BEGIN
         RAISE EXCEPTION 'user_id must not be NULL' USING ERRCODE = 'not_null_violation';
     END IF;
     IF NEW.llm_model_id IS NOT NULL THEN
-        SELECT * INTO m FROM sessiontag.llm_models WHERE id = NEW.llm_model_id;
+        SELECT * INTO m FROM sessiontag.llm_models
+        WHERE id = NEW.llm_model_id AND (scoped IS NULL OR owner_id IS NULL OR owner_id = scoped);
         IF NOT FOUND THEN
             RAISE EXCEPTION 'llm_model_id % is not a registered model', NEW.llm_model_id
                 USING ERRCODE = 'foreign_key_violation';
@@ -292,21 +308,27 @@ $$;
 -- The first-message path: tags an untagged conversation with model_id (or its own
 -- model) and returns the tag; returns the existing tag otherwise. Concurrent calls on
 -- one conversation queue on its row lock, so they yield one tag and take one number.
--- NULL when the conversation has no tag and no tracked model to make one.
+-- NULL when the conversation has no tag and no tracked model to make one. SECURITY
+-- DEFINER (it writes the counters and the tag): for a user-scoped caller another user's
+-- conversation, or another owner's model, does not exist.
 CREATE FUNCTION sessiontag.ensure_session_tag(conversation_id uuid, model_id uuid DEFAULT NULL, user_id uuid DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    c sessiontag.conversations := sessiontag._lock_conversation(ensure_session_tag.conversation_id, ensure_session_tag.user_id);
+    scoped uuid := sessiontag._check_user(ensure_session_tag.user_id);
+    c sessiontag.conversations := sessiontag._lock_conversation(ensure_session_tag.conversation_id,
+                                                                coalesce(ensure_session_tag.user_id, scoped));
     tag sessiontag.session_tag;
 BEGIN
     IF c.session_id IS NOT NULL THEN
         RETURN c.session_id;
     END IF;
     IF ensure_session_tag.model_id IS NOT NULL
-       AND NOT EXISTS (SELECT FROM sessiontag.llm_models m WHERE m.id = ensure_session_tag.model_id) THEN
+       AND NOT EXISTS (SELECT FROM sessiontag.llm_models m WHERE m.id = ensure_session_tag.model_id
+                       AND (scoped IS NULL OR m.owner_id IS NULL OR m.owner_id = scoped)) THEN
         RAISE EXCEPTION 'model_id % is not a registered model', ensure_session_tag.model_id
             USING ERRCODE = 'no_data_found';
     END IF;

@@ -216,7 +216,8 @@ $$;
 -- The first problem with what a span refers to: the user's conversation, a registered
 -- model, and a caller-supplied session_tag, which must be the conversation's own (a
 -- trace carries its conversation's tag; a different one is a caller's bug, refused
--- rather than silently replaced).
+-- rather than silently replaced). For a user-scoped caller another owner's model does
+-- not exist.
 CREATE FUNCTION sessiontag._refs_problem(user_id uuid, conversation_id uuid, model_id uuid, session_tag text)
 RETURNS sessiontag._problem
 LANGUAGE plpgsql
@@ -225,9 +226,11 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     conv sessiontag.conversations;
+    scoped uuid := sessiontag._scoped_user();
 BEGIN
     IF _refs_problem.model_id IS NOT NULL
-       AND NOT EXISTS (SELECT FROM sessiontag.llm_models m WHERE m.id = _refs_problem.model_id) THEN
+       AND NOT EXISTS (SELECT FROM sessiontag.llm_models m WHERE m.id = _refs_problem.model_id
+                       AND (scoped IS NULL OR m.owner_id IS NULL OR m.owner_id = scoped)) THEN
         RETURN ROW('model_id', format('%s is not a registered model', _refs_problem.model_id),
                    'P0002')::sessiontag._problem;
     END IF;
@@ -421,6 +424,8 @@ $$;
 -- Starts a span (status running) and returns its row id; NULL when the conversation has
 -- analytics off. The same (user_id, trace_id, span_id) again returns the same row,
 -- unchanged: a retry never duplicates a span and never reopens an ended one.
+-- SECURITY DEFINER, like end_trace, record_trace and ingest_traces: they write the tag
+-- and may tag the conversation; a user-scoped caller may only name its own user_id.
 CREATE FUNCTION sessiontag.start_trace(
     user_id uuid,
     trace_id text,
@@ -440,9 +445,11 @@ CREATE FUNCTION sessiontag.start_trace(
 )
 RETURNS uuid
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM sessiontag._check_user(start_trace.user_id);
     RETURN sessiontag._record_span(false, start_trace.user_id, start_trace.trace_id, start_trace.span_id,
         start_trace.span_name, start_trace.operation_type, start_trace.conversation_id, start_trace.parent_span_id,
         start_trace.model_id, start_trace.model_name, start_trace.model_provider, start_trace.session_tag,
@@ -467,11 +474,13 @@ CREATE FUNCTION sessiontag.end_trace(
 )
 RETURNS uuid
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     result uuid;
 BEGIN
+    PERFORM sessiontag._check_user(end_trace.user_id);
     IF end_trace.user_id IS NULL THEN
         RAISE EXCEPTION 'user_id must not be NULL' USING ERRCODE = 'null_value_not_allowed', COLUMN = 'user_id';
     END IF;
@@ -521,9 +530,11 @@ CREATE FUNCTION sessiontag.record_trace(
 )
 RETURNS uuid
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM sessiontag._check_user(record_trace.user_id);
     RETURN sessiontag._record_span(true, record_trace.user_id, record_trace.trace_id, record_trace.span_id,
         record_trace.span_name, record_trace.operation_type, record_trace.conversation_id,
         record_trace.parent_span_id, record_trace.model_id, record_trace.model_name, record_trace.model_provider,
@@ -557,6 +568,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     inserted integer;
+    scoped uuid := sessiontag._scoped_user();
 BEGIN
     INSERT INTO sessiontag.llm_traces AS t
         (user_id, trace_id, span_id, parent_span_id, conversation_id, message_id, session_tag, span_name,
@@ -579,6 +591,7 @@ BEGIN
         message_id text)
     LEFT JOIN sessiontag.conversations c ON c.user_id = s.user_id AND c.id = s.conversation_id
     LEFT JOIN sessiontag.llm_models m ON m.id = s.model_id
+                                      AND (scoped IS NULL OR m.owner_id IS NULL OR m.owner_id = scoped)
     -- One CASE, so every row is checked before it can be skipped (separate quals could be
     -- reordered). Mirrors _element_problem where no constraint of llm_traces does.
     WHERE CASE
@@ -789,12 +802,18 @@ $$;
 -- rows than the batch holds (untagged conversations, retries, tracking off) do the
 -- tagging, a second insert and the completion run; only when it failed does the
 -- element-by-element diagnosis run.
+--
+-- A user-scoped caller may only store spans of its own user_id: the first other one is
+-- refused with 42501, naming it ('spans[3].user_id: ...').
 CREATE FUNCTION sessiontag.ingest_traces(spans jsonb)
 RETURNS integer
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    scoped uuid := sessiontag._scoped_user();
+    other bigint;
     n integer;
     stored integer;
     err_state text;
@@ -813,6 +832,17 @@ BEGIN
         RETURN 0;
     END IF;
     BEGIN
+        IF scoped IS NOT NULL THEN
+            -- (A user_id that is not a UUID fails the cast: the diagnosis below names it.)
+            SELECT e.idx - 1 INTO other
+            FROM jsonb_array_elements(ingest_traces.spans) WITH ORDINALITY AS e(elem, idx)
+            WHERE (e.elem ->> 'user_id')::uuid <> scoped
+            ORDER BY e.idx LIMIT 1;
+            IF other IS NOT NULL THEN
+                RAISE EXCEPTION 'spans[%].user_id: % is not the user of this session (sessiontag.user_id)', other,
+                    ingest_traces.spans -> other::integer ->> 'user_id' USING ERRCODE = 'insufficient_privilege';
+            END IF;
+        END IF;
         stored := sessiontag._ingest_insert(ingest_traces.spans, false);
         IF stored < n THEN
             PERFORM sessiontag._ingest_tag(ingest_traces.spans);
@@ -841,9 +871,11 @@ $$;
 
 -- Trigger on conversations: when a conversation gets its tag, the traces recorded before
 -- (while it had none) get it too, so every trace of a conversation carries its tag.
+-- SECURITY DEFINER: nobody else writes llm_traces.session_tag.
 CREATE FUNCTION sessiontag._conversations_trace_tags()
 RETURNS trigger
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN

@@ -51,9 +51,8 @@ def test_kill_9_under_8_writers_loses_no_acknowledged_write():
                         conv, tag, counter = conn.execute(
                             "SELECT id, session_id, session_counter FROM sessiontag.create_conversation(%s, %s)",
                             [user, model]).fetchone()
-                        conn.execute(
-                            "INSERT INTO sessiontag.llm_traces (user_id, trace_id, span_id, span_name, conversation_id,"
-                            " session_tag) VALUES (%s, %s, 'root', 'chat', %s, %s)", [user, f"w{i}-{n}", conv, tag])
+                        conn.execute("SELECT sessiontag.record_trace(%s, %s, 'root', 'chat', conversation_id => %s)",
+                                     [user, f"w{i}-{n}", conv])
                         with lock:
                             acknowledged.append((user, conv, tag, counter, f"w{i}-{n}"))
                         n += 1
@@ -77,10 +76,10 @@ def test_kill_9_under_8_writers_loses_no_acknowledged_write():
         with psycopg.connect(dsn) as conn:
             convs = {r[0]: r[1:] for r in conn.execute(
                 "SELECT id, user_id, session_id, session_counter FROM sessiontag.conversations")}
-            traces = {r[0] for r in conn.execute("SELECT trace_id FROM sessiontag.llm_traces")}
+            traces = {r[0]: r[1] for r in conn.execute("SELECT trace_id, session_tag FROM sessiontag.llm_traces")}
             for user, conv, tag, counter, trace in acknowledged:
                 assert convs.get(conv) == (user, tag, counter), "an acknowledged conversation was lost"
-                assert trace in traces, "an acknowledged trace was lost"
+                assert traces.get(trace) == tag, "an acknowledged trace was lost or lost its tag"
             per_user: dict = {}
             for user, tag, counter in convs.values():
                 per_user.setdefault(user, []).append(counter)

@@ -1,0 +1,164 @@
+-- sessiontag: access control.
+--
+-- Three NOLOGIN roles, granted to login roles by the DBA (see docs/security.md):
+--   sessiontag_app     trusted backend: every function, for any user;
+--   sessiontag_user    end-user scope: only the rows whose user_id is the setting
+--                      sessiontag.user_id (row-level security, and explicit checks in the
+--                      SECURITY DEFINER functions, which row-level security does not bind);
+--   sessiontag_reader  read-only across users (analytics, the CLI).
+-- PUBLIC executes and reads nothing. Nobody but the owner writes counters, short ids or
+-- tags: those columns have no grant, and only SECURITY DEFINER functions (which take
+-- the numbers and check every tag) write them.
+--
+-- Roles are cluster-wide: created only when missing, and kept by the rollback of this
+-- step, since other databases of the cluster may use them.
+
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['sessiontag_app', 'sessiontag_user', 'sessiontag_reader'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = r) THEN
+            BEGIN
+                EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;  -- created meanwhile by a migration of another database
+            END;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- The user the calling role is confined to: NULL for an unrestricted caller (the owner,
+-- a superuser or BYPASSRLS role, sessiontag_app, sessiontag_reader), the setting
+-- sessiontag.user_id for a member of sessiontag_user; raises 42501 for a member of
+-- sessiontag_user when the setting is missing. The calling role is the outer one (SET
+-- ROLE's, else the session's): inside a SECURITY DEFINER function current_user is the
+-- owner.
+CREATE FUNCTION sessiontag._scoped_user()
+RETURNS uuid
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    caller text := current_setting('role');
+    setting text;
+BEGIN
+    IF caller = 'none' THEN
+        caller := session_user;
+    END IF;
+    -- pg_has_role is true for superusers, hence the second test.
+    IF NOT pg_has_role(caller, 'sessiontag_user', 'USAGE')
+       OR EXISTS (SELECT FROM pg_roles r WHERE r.rolname = caller AND (r.rolsuper OR r.rolbypassrls)) THEN
+        RETURN NULL;
+    END IF;
+    setting := nullif(current_setting('sessiontag.user_id', true), '');
+    IF setting IS NULL THEN
+        RAISE EXCEPTION 'role % acts for one user only, and sessiontag.user_id is not set', caller
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Run SELECT set_config(''sessiontag.user_id'', <user uuid>, true) in the transaction first.';
+    END IF;
+    RETURN setting::uuid;
+END
+$$;
+
+-- Raises 42501 when a user-scoped caller names another user than its own (NULL is left
+-- to the caller's own checks); returns _scoped_user().
+CREATE FUNCTION sessiontag._check_user(user_id uuid)
+RETURNS uuid
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    scoped uuid := sessiontag._scoped_user();
+BEGIN
+    IF scoped IS NOT NULL AND _check_user.user_id <> scoped THEN
+        RAISE EXCEPTION 'user_id % is not the user of this session (sessiontag.user_id)', _check_user.user_id
+            USING ERRCODE = 'insufficient_privilege', COLUMN = 'user_id';
+    END IF;
+    RETURN scoped;
+END
+$$;
+
+-- Privileges. Functions execute for PUBLIC by default: take that back everywhere first.
+REVOKE ALL ON SCHEMA sessiontag FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA sessiontag FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sessiontag FROM PUBLIC;
+GRANT USAGE ON SCHEMA sessiontag TO sessiontag_app, sessiontag_user, sessiontag_reader;
+
+-- Tables. session_counters: nobody. short_id, session_id (after insert), session_counter,
+-- experiment_name and llm_traces: written by the owner's functions only.
+GRANT SELECT ON sessiontag.llm_models, sessiontag.conversations, sessiontag.llm_traces
+    TO sessiontag_app, sessiontag_user, sessiontag_reader;
+GRANT INSERT (id, owner_id, name, provider, model_key), UPDATE (tracked) ON sessiontag.llm_models
+    TO sessiontag_app;
+-- A session_id given at insert is a manual tag, checked by the _100_tag trigger.
+GRANT INSERT (id, user_id, external_id, title, llm_model_id, session_id, analytics_enabled),
+      UPDATE (external_id, title, analytics_enabled) ON sessiontag.conversations
+    TO sessiontag_app, sessiontag_user;
+
+-- Functions. Reads (SECURITY INVOKER: row-level security applies to them).
+GRANT EXECUTE ON FUNCTION
+    sessiontag.model_id(text, uuid),
+    sessiontag.list_models(uuid),
+    sessiontag.session_badge(text, uuid),
+    sessiontag.list_traces(uuid, text, uuid, text, text, text, text, timestamptz, timestamptz, text, boolean, text, integer),
+    sessiontag.get_trace(uuid, text),
+    sessiontag.list_sessions(uuid, uuid, timestamptz, timestamptz, text, integer),
+    sessiontag.session_summary(text, uuid),
+    sessiontag.compare_models(uuid, uuid[], timestamptz, timestamptz),
+    -- the pure helpers the reads call as their caller
+    sessiontag._pad_counter(bigint),
+    sessiontag._encode_cursor(timestamptz, uuid, uuid),
+    sessiontag._decode_cursor(text, text),
+    sessiontag._check_page_size(integer),
+    sessiontag._summarize(sessiontag.conversations)
+    TO sessiontag_app, sessiontag_user, sessiontag_reader;
+-- Tags, conversations and traces.
+GRANT EXECUTE ON FUNCTION
+    sessiontag.generate_session_tag(uuid, uuid),
+    sessiontag.generate_session_tags(uuid, uuid, integer),
+    sessiontag.create_conversation(uuid, uuid, text, uuid, boolean, text, text),
+    sessiontag.ensure_session_tag(uuid, uuid, uuid),
+    sessiontag.set_analytics_tracking(uuid, boolean, uuid),
+    sessiontag.start_trace(uuid, text, text, text, text, uuid, text, uuid, text, text, text, jsonb, jsonb, timestamptz, text),
+    sessiontag.end_trace(uuid, text, text, text, jsonb, integer, integer, numeric, text, timestamptz),
+    sessiontag.record_trace(uuid, text, text, text, text, uuid, text, uuid, text, text, text, jsonb, jsonb, timestamptz, text, jsonb, integer, integer, numeric, text, timestamptz, text),
+    sessiontag.ingest_traces(jsonb),
+    sessiontag._lock_conversation(uuid, uuid)
+    TO sessiontag_app, sessiontag_user;
+-- Models.
+GRANT EXECUTE ON FUNCTION
+    sessiontag.register_model(text, text, text, uuid, uuid),
+    sessiontag.set_model_tracking(uuid, boolean)
+    TO sessiontag_app;
+
+-- Row-level security, forced so that it binds the owner too (superusers and BYPASSRLS
+-- roles are never bound). "access" lets every role that holds a table privilege see
+-- every row (PUBLIC holds none, so it grants nothing by itself); the restrictive
+-- "own_rows" narrows sessiontag_user to the rows of sessiontag.user_id (none when unset).
+ALTER TABLE sessiontag.llm_models ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+ALTER TABLE sessiontag.conversations ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+ALTER TABLE sessiontag.llm_traces ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+ALTER TABLE sessiontag.session_counters ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+
+CREATE POLICY access ON sessiontag.llm_models TO PUBLIC USING (true) WITH CHECK (true);
+CREATE POLICY access ON sessiontag.conversations TO PUBLIC USING (true) WITH CHECK (true);
+CREATE POLICY access ON sessiontag.llm_traces TO PUBLIC USING (true) WITH CHECK (true);
+CREATE POLICY access ON sessiontag.session_counters TO PUBLIC USING (true) WITH CHECK (true);
+
+-- A user sees the shared models and its own, and changes none (no privilege to).
+CREATE POLICY own_rows ON sessiontag.llm_models AS RESTRICTIVE TO sessiontag_user
+    USING (owner_id IS NULL OR owner_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid)
+    WITH CHECK (owner_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid);
+CREATE POLICY own_rows ON sessiontag.conversations AS RESTRICTIVE TO sessiontag_user
+    USING (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid)
+    WITH CHECK (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid);
+CREATE POLICY own_rows ON sessiontag.llm_traces AS RESTRICTIVE TO sessiontag_user
+    USING (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid)
+    WITH CHECK (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid);
+CREATE POLICY own_rows ON sessiontag.session_counters AS RESTRICTIVE TO sessiontag_user
+    USING (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid)
+    WITH CHECK (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid);
