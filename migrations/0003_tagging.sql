@@ -129,8 +129,11 @@ DECLARE
     key text := coalesce(register_model.model_key, register_model.name);
     result uuid;
 BEGIN
-    IF register_model.name IS NULL OR btrim(register_model.name) = '' THEN
-        RAISE EXCEPTION 'name must not be NULL or empty' USING ERRCODE = 'invalid_parameter_value';
+    IF register_model.name IS NULL THEN
+        RAISE EXCEPTION 'name must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF btrim(register_model.name) = '' THEN
+        RAISE EXCEPTION 'name must not be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF length(register_model.name) > 200 THEN
         RAISE EXCEPTION 'name is longer than 200 characters' USING ERRCODE = 'string_data_right_truncation';
@@ -184,6 +187,9 @@ AS $$
 DECLARE
     result boolean;
 BEGIN
+    IF set_model_tracking.model_id IS NULL THEN
+        RAISE EXCEPTION 'model_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     IF set_model_tracking.tracked IS NULL THEN
         RAISE EXCEPTION 'tracked must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
@@ -446,7 +452,12 @@ BEGIN
     IF create_conversation.session_id = '' OR length(create_conversation.session_id) > 200 THEN
         RAISE EXCEPTION 'session_id must be 1 to 200 characters' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- Friendly errors for the common mistakes; the unique constraints remain the guard.
+    -- Friendly errors for the common mistakes; the constraints remain the guard.
+    IF create_conversation.model_id IS NOT NULL
+       AND NOT EXISTS (SELECT FROM sessiontag.llm_models m WHERE m.id = create_conversation.model_id) THEN
+        RAISE EXCEPTION 'model_id % is not a registered model', create_conversation.model_id
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
     IF create_conversation.id IS NOT NULL AND EXISTS (
            SELECT FROM sessiontag.conversations c
            WHERE c.user_id = create_conversation.user_id AND c.id = create_conversation.id) THEN

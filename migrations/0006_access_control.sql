@@ -50,6 +50,10 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Run SELECT set_config(''sessiontag.user_id'', <user uuid>, true) in the transaction first.';
     END IF;
+    IF setting !~* '^[0-9a-f]{8}-?([0-9a-f]{4}-?){3}[0-9a-f]{12}$' THEN
+        RAISE EXCEPTION 'sessiontag.user_id must be a user uuid, got %', quote_literal(setting)
+            USING ERRCODE = 'invalid_text_representation';
+    END IF;
     RETURN setting::uuid;
 END
 $$;

@@ -71,8 +71,11 @@ DECLARE
     key text := coalesce(register_model.model_key, register_model.name);
     result uuid;
 BEGIN
-    IF register_model.name IS NULL OR btrim(register_model.name) = '' THEN
-        RAISE EXCEPTION 'name must not be NULL or empty' USING ERRCODE = 'invalid_parameter_value';
+    IF register_model.name IS NULL THEN
+        RAISE EXCEPTION 'name must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF btrim(register_model.name) = '' THEN
+        RAISE EXCEPTION 'name must not be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF length(register_model.name) > 200 THEN
         RAISE EXCEPTION 'name is longer than 200 characters' USING ERRCODE = 'string_data_right_truncation';
@@ -126,6 +129,9 @@ AS $$
 DECLARE
     result boolean;
 BEGIN
+    IF set_model_tracking.model_id IS NULL THEN
+        RAISE EXCEPTION 'model_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     IF set_model_tracking.tracked IS NULL THEN
         RAISE EXCEPTION 'tracked must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;

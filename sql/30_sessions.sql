@@ -255,7 +255,12 @@ BEGIN
     IF create_conversation.session_id = '' OR length(create_conversation.session_id) > 200 THEN
         RAISE EXCEPTION 'session_id must be 1 to 200 characters' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- Friendly errors for the common mistakes; the unique constraints remain the guard.
+    -- Friendly errors for the common mistakes; the constraints remain the guard.
+    IF create_conversation.model_id IS NOT NULL
+       AND NOT EXISTS (SELECT FROM sessiontag.llm_models m WHERE m.id = create_conversation.model_id) THEN
+        RAISE EXCEPTION 'model_id % is not a registered model', create_conversation.model_id
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
     IF create_conversation.id IS NOT NULL AND EXISTS (
            SELECT FROM sessiontag.conversations c
            WHERE c.user_id = create_conversation.user_id AND c.id = create_conversation.id) THEN

@@ -5,7 +5,8 @@
 -- total (time, then user_id, then id), so ties on time never repeat or skip a row, and a
 -- page deep in the list costs what the first page costs (no OFFSET).
 --
--- Session metrics: trace_count counts distinct traces; tokens and cost add up every
+-- Session metrics: trace_count counts distinct traces and error_count those with an
+-- error span (compare_models' error_rate is the same share); tokens and cost add up every
 -- span's own usage, wherever in the tree the LLM call sits; latency percentiles are over
 -- the finished spans of operation_type 'llm_call' (the model's own latency).
 
@@ -164,7 +165,8 @@ END
 $$;
 
 -- Every span of one trace, parents before children (siblings by start time), with depth
--- (0 for roots). A span whose parent is not recorded counts as a root.
+-- (0 for roots). A span whose parent is not recorded counts as a root; spans whose
+-- parents form a cycle come last, each as a root, so no span is ever left out.
 CREATE FUNCTION sessiontag.get_trace(user_id uuid, trace_id text)
 RETURNS SETOF sessiontag.trace_span
 LANGUAGE plpgsql
@@ -194,13 +196,20 @@ BEGIN
         FROM spans s
         JOIN tree ON s.parent_span_id = tree.span_id
         WHERE tree.depth < 1000
+    ), placed AS (
+        SELECT tree.span_id, tree.depth, tree.path FROM tree
+        UNION ALL
+        -- Spans no root reaches (their parents form a cycle): shown last, as roots.
+        SELECT s.span_id, 0, ARRAY['~' || to_char(s.start_time AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISSUS') || s.span_id]
+        FROM spans s
+        WHERE NOT EXISTS (SELECT FROM tree WHERE tree.span_id = s.span_id)
     )
     SELECT s.id, s.user_id, s.session_tag, s.trace_id, s.span_id, s.parent_span_id, s.conversation_id,
            s.message_id, s.span_name, s.operation_type, s.model_id, s.model_name, s.model_provider, s.status,
            s.start_time, s.end_time, s.duration_ms, s.input_tokens, s.output_tokens, s.cost_usd::numeric,
-           s.error_message, s.input_data, s.output_data, s.metadata, s.created_at, tree.depth
-    FROM tree JOIN spans s ON s.span_id = tree.span_id
-    ORDER BY tree.path;
+           s.error_message, s.input_data, s.output_data, s.metadata, s.created_at, placed.depth
+    FROM placed JOIN spans s ON s.span_id = placed.span_id
+    ORDER BY placed.path;
 END
 $$;
 
@@ -242,7 +251,7 @@ BEGIN
            _summarize.c.user_id, _summarize.c.id, _summarize.c.llm_model_id, _summarize.c.experiment_name,
            _summarize.c.session_counter,
            count(DISTINCT t.trace_id),
-           count(*) FILTER (WHERE t.status = 'error'),
+           count(DISTINCT t.trace_id) FILTER (WHERE t.status = 'error'),
            coalesce(sum(t.input_tokens), 0),
            coalesce(sum(t.output_tokens), 0),
            coalesce(sum(t.cost_usd), 0),

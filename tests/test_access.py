@@ -401,6 +401,16 @@ def test_user_without_the_setting_sees_and_writes_nothing(env, admin, seed):
     assert counts(admin) == before
 
 
+def test_a_setting_that_is_not_a_uuid_is_named_in_the_error(env, admin, seed):
+    before = counts(admin)
+    with env.login("alice") as conn:
+        conn.execute("SELECT set_config('sessiontag.user_id', 'garbage', false)")
+        message = refused(conn, "SELECT sessiontag.record_trace(%s, 't', 's', 'chat')", [seed["alice"]],
+                          sqlstate="22P02", match="sessiontag.user_id must be a user uuid")
+        assert "garbage" in message
+    assert counts(admin) == before
+
+
 def test_a_role_set_with_set_role_is_scoped_inside_definer_functions(env, admin, seed):
     """The outer role decides, not current_user (the owner inside a SECURITY DEFINER function)."""
     alice, bob = seed["alice"], seed["bob"]
@@ -599,14 +609,14 @@ BAD_INPUT = [
     ("sessiontag.create_conversation({u}, session_id => repeat('x', 201))", "22023", "session_id"),
     ("sessiontag.create_conversation({u}, analytics_enabled => NULL)", "22004", "analytics_enabled"),
     ("sessiontag.create_conversation({u}, analytics_enabled => 'maybe')", "22P02", "boolean"),
-    ("sessiontag.create_conversation({u}, model_id => gen_random_uuid())", "23503", "llm_model_id"),
+    ("sessiontag.create_conversation({u}, model_id => gen_random_uuid())", "23503", "model_id"),
     ("sessiontag.create_conversation({u}, session_id => 'chat_model_abcdef_999')", "22023", "session_id"),
     ("sessiontag.create_conversation({u}, title => convert_from('\\x6100'::bytea, 'UTF8'))", "22021", "0x00"),
     ("sessiontag.ensure_session_tag(NULL)", "22004", "conversation_id"),
     ("sessiontag.ensure_session_tag(gen_random_uuid())", "P0002", "conversation_id"),
     ("sessiontag.ensure_session_tag({b}, gen_random_uuid())", "P0002", "model_id"),
     ("sessiontag.set_analytics_tracking({c}, NULL)", "22004", "enabled"),
-    ("sessiontag.register_model(NULL)", "22023", "name"),
+    ("sessiontag.register_model(NULL)", "22004", "name"),
     ("sessiontag.register_model(repeat('x', 201))", "22001", "name"),
     ("sessiontag.register_model('n', provider => repeat('x', 201))", "22001", "provider"),
     ("sessiontag.register_model('n', model_key => ' ')", "22023", "model_key"),

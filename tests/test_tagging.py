@@ -96,8 +96,10 @@ def test_concurrent_registrations_sharing_a_prefix_get_distinct_short_ids(dsn):
 
 
 def test_model_errors_name_the_argument(conn):
-    assert sqlstate_of(conn, "SELECT sessiontag.register_model(name => '')") == (
-        "22023", "name must not be NULL or empty")
+    assert sqlstate_of(conn, "SELECT sessiontag.register_model(name => '')") == ("22023", "name must not be empty")
+    assert sqlstate_of(conn, "SELECT sessiontag.register_model(name => NULL)") == ("22004", "name must not be NULL")
+    assert sqlstate_of(conn, "SELECT sessiontag.set_model_tracking(NULL, true)") == (
+        "22004", "model_id must not be NULL")
     state, message = sqlstate_of(conn, "SELECT sessiontag.register_model(name => repeat('x', 201))")
     assert state == "22001" and message.startswith("name ")
     state, message = sqlstate_of(conn, "SELECT sessiontag.set_model_tracking(%s, false)", [uuid.uuid4()])
@@ -239,7 +241,7 @@ def test_conversation_errors_name_the_argument_and_store_nothing(conn):
     model, user = register(conn), uuid.uuid4()
     cases = [
         ("SELECT sessiontag.create_conversation(NULL)", [], "22004", "user_id"),
-        ("SELECT sessiontag.create_conversation(%s, %s)", [user, uuid.uuid4()], "23503", "llm_model_id"),
+        ("SELECT sessiontag.create_conversation(%s, %s)", [user, uuid.uuid4()], "23503", "model_id"),
         ("SELECT sessiontag.create_conversation(%s, title => repeat('x', 1001))", [user], "22001", "title"),
         ("SELECT sessiontag.create_conversation(%s, external_id => '')", [user], "22023", "external_id"),
         ("SELECT sessiontag.create_conversation(%s, analytics_enabled => NULL)", [user], "22004", "analytics_enabled"),
