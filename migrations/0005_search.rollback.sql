@@ -9,6 +9,7 @@ DROP FUNCTION sessiontag.get_trace(uuid, text);
 DROP FUNCTION sessiontag.list_traces(uuid, text, uuid, text, text, text, text, timestamptz, timestamptz, text, boolean, text, integer);
 DROP TYPE sessiontag.trace_span;
 DROP TYPE sessiontag.trace_listing;
+DROP FUNCTION sessiontag._check_range(timestamptz, timestamptz);
 DROP FUNCTION sessiontag._check_page_size(integer);
 DROP FUNCTION sessiontag._decode_cursor(text, text);
 DROP FUNCTION sessiontag._encode_cursor(timestamptz, uuid, uuid);

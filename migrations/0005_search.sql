@@ -83,6 +83,20 @@ CREATE TYPE sessiontag.trace_span AS (
     depth integer
 );
 
+CREATE FUNCTION sessiontag._check_range(since timestamptz, until timestamptz)
+RETURNS void
+LANGUAGE plpgsql
+IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF _check_range.since > _check_range.until THEN
+        RAISE EXCEPTION 'since (%) is after until (%)', _check_range.since, _check_range.until
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
 -- Spans, newest first, with every filter optional. `search` is a literal,
 -- case-insensitive substring of the tag, trace id, span name or model name: % and _
 -- match only themselves. The query is built from the filters actually given, so the
@@ -123,10 +137,7 @@ BEGIN
         RAISE EXCEPTION 'status must be one of running, success, error, cancelled; got %', list_traces.status
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF list_traces.since > list_traces.until THEN
-        RAISE EXCEPTION 'since (%) is after until (%)', list_traces.since, list_traces.until
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM sessiontag._check_range(list_traces.since, list_traces.until);
     IF list_traces.search = '' THEN
         RAISE EXCEPTION 'search must not be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -281,10 +292,7 @@ DECLARE
     q text := 'SELECT (sessiontag._summarize(p)).* FROM (SELECT * FROM sessiontag.conversations v'
               ' WHERE v.session_id IS NOT NULL';
 BEGIN
-    IF list_sessions.since > list_sessions.until THEN
-        RAISE EXCEPTION 'since (%) is after until (%)', list_sessions.since, list_sessions.until
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM sessiontag._check_range(list_sessions.since, list_sessions.until);
     IF list_sessions.after IS NOT NULL THEN
         SELECT d.at, d.user_id, d.id INTO after_at, after_user, after_id
         FROM sessiontag._decode_cursor(list_sessions.after, 'after') d;
@@ -340,10 +348,7 @@ STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF compare_models.since > compare_models.until THEN
-        RAISE EXCEPTION 'since (%) is after until (%)', compare_models.since, compare_models.until
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM sessiontag._check_range(compare_models.since, compare_models.until);
     RETURN QUERY
     WITH s AS (
         SELECT v.user_id, v.session_id, v.llm_model_id

@@ -118,6 +118,7 @@ GRANT EXECUTE ON FUNCTION
     sessiontag._encode_cursor(timestamptz, uuid, uuid),
     sessiontag._decode_cursor(text, text),
     sessiontag._check_page_size(integer),
+    sessiontag._check_range(timestamptz, timestamptz),
     sessiontag._summarize(sessiontag.conversations)
     TO sessiontag_app, sessiontag_user, sessiontag_reader;
 -- Tags, conversations and traces.

@@ -94,8 +94,8 @@ class Span:
 
 
 @dataclass(frozen=True)
-class TraceRow:
-    """A span as list_traces returns it: the trace columns plus the list's cursor."""
+class _TraceColumns:
+    """The columns of a span that list_traces and get_trace both return."""
     id: UUID
     user_id: UUID
     session_tag: str | None
@@ -121,37 +121,17 @@ class TraceRow:
     output_data: Any
     metadata: Any
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class TraceRow(_TraceColumns):
+    """A span as list_traces returns it, with the list's cursor."""
     cursor: str
 
 
 @dataclass(frozen=True)
-class TraceSpan:
-    """A span as get_trace returns it: the trace columns plus its depth in the tree."""
-    id: UUID
-    user_id: UUID
-    session_tag: str | None
-    trace_id: str
-    span_id: str
-    parent_span_id: str | None
-    conversation_id: UUID | None
-    message_id: str | None
-    span_name: str
-    operation_type: str
-    model_id: UUID | None
-    model_name: str | None
-    model_provider: str | None
-    status: str
-    start_time: datetime
-    end_time: datetime | None
-    duration_ms: float | None
-    input_tokens: int | None
-    output_tokens: int | None
-    cost_usd: Decimal | None
-    error_message: str | None
-    input_data: Any
-    output_data: Any
-    metadata: Any
-    created_at: datetime
+class TraceSpan(_TraceColumns):
+    """A span as get_trace returns it, with its depth in the tree (0 for roots)."""
     depth: int
 
 
