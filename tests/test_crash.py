@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -17,14 +17,35 @@ from sessiontag import migrate
 from tests.pgcluster import Postgresql
 
 
-def _wait_for_exit(data_dir: str, timeout: float = 60) -> None:
-    """After the postmaster dies, its backends notice and exit; wait for the last one."""
+def _children_of(pid: int) -> list[int]:
+    """The processes whose parent is pid (the postmaster's backends and workers)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ")"
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+    return children
+
+
+def _wait_for_exit(pids: list[int], timeout: float = 60) -> None:
+    """After the postmaster dies, its backends notice and exit; wait for the last one,
+    since a new postmaster will not start while they hold the old shared memory."""
+    def alive(pid: int) -> bool:
+        try:  # a zombie has exited; only its parent's wait() is missing
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if subprocess.run(["pgrep", "-f", data_dir], capture_output=True).returncode != 0:
+        if not any(alive(pid) for pid in pids):
             return
         time.sleep(0.2)
-    raise AssertionError(f"PostgreSQL processes for {data_dir} did not exit")
+    raise AssertionError(f"PostgreSQL processes {pids} did not exit")
 
 
 @pytest.mark.slow
@@ -65,11 +86,14 @@ def test_kill_9_under_8_writers_loses_no_acknowledged_write():
         ready.wait()
         while len(acknowledged) < 400:
             time.sleep(0.05)
-        os.kill(server.child_process.pid, signal.SIGKILL)
+        postmaster = server.child_process.pid
+        server_processes = [postmaster, *_children_of(postmaster)]
+        os.kill(postmaster, signal.SIGKILL)
+        server.child_process.wait()
         for t in threads:
             t.join(timeout=60)
         assert not any(t.is_alive() for t in threads)
-        _wait_for_exit(server.get_data_directory())
+        _wait_for_exit(server_processes)
 
         server.child_process = None
         server.start()  # crash recovery replays the WAL
