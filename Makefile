@@ -23,9 +23,9 @@ demo: install
 	@$(BIN)/sessiontag sessions list --limit 10 2>/dev/null
 	@echo; echo '$$ sessiontag compare'
 	@$(BIN)/sessiontag compare
-	@tag=$$($(BIN)/sessiontag sessions list --limit 1 --format csv 2>/dev/null | tail -n 1 | cut -d, -f1); \
-	  echo; echo "\$$ sessiontag traces list --tag $$tag"; \
-	  $(BIN)/sessiontag traces list --tag "$$tag" --limit 12 2>/dev/null
+	@set -- $$($(BIN)/sessiontag sessions list --limit 1 --format csv 2>/dev/null | tail -n 1 | cut -d, -f1,3 | tr , ' '); \
+	  echo; echo "\$$ sessiontag traces list --tag $$1 --user $$2"; \
+	  $(BIN)/sessiontag traces list --tag "$$1" --user "$$2" --limit 12 2>/dev/null
 
 test: install
 	$(BIN)/pytest -q

@@ -79,8 +79,9 @@ def test_traces_show_draws_the_span_tree(demo_dsn):
     result = sessiontag_cli("--dsn", demo_dsn, "traces", "show", root["trace_id"])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"trace {root['trace_id']}")
-    assert root["session_tag"] in lines[1]
+    assert lines[0] == f"trace {root['trace_id']}" and lines[1] == f"user {root['user_id']}"
+    assert root["session_tag"] in lines[2]
+    assert max(len(line) for line in lines) <= 80
     tree = lines[lines.index("") + 1:]
     assert tree[0].startswith("chat turn (chain)") and tree[-1].lstrip("│ ").startswith("└─ ")
     spans = cli_json(demo_dsn, "traces", "show", root["trace_id"])
@@ -107,12 +108,29 @@ def test_sessions_list_show_and_compare(demo_dsn):
 
 @pytest.mark.parametrize("args, expected", [
     (["traces", "list", "--since", "yesterday"], "neither an ISO 8601 time"),
-    (["traces", "list", "--cursor", "nonsense"], "after is not a cursor"),
+    (["traces", "list", "--cursor", "nonsense"], "--cursor: not a cursor printed by this command"),
+    (["sessions", "list", "--cursor", "nonsense"], "--cursor: not a cursor printed by this command"),
+    (["traces", "list", "--since", "7d", "--until", "30d"], "--since"),
+    (["traces", "list", "--since", "99999999d"], "reaches before year 1"),
     (["traces", "show", "no-such-trace"], "no trace no-such-trace"),
     (["sessions", "show", "no-such-tag"], "no session no-such-tag"),
     (["sessions", "list", "--model", "no-such-model"], "no model with id or key"),
-    (["traces", "list", "--user", "not-a-uuid"], "22P02"),
+    (["traces", "list", "--user", "not-a-uuid"], "'--user': 'not-a-uuid' is not a valid UUID"),
+    (["sessions", "tracking", "not-a-uuid", "off"], "is not a valid UUID"),
     (["traces", "list", "--limit", "0"], "--limit"),
 ])
 def test_cli_search_errors_are_one_line(dsn, args, expected):
     assert expected in _one_line_error(sessiontag_cli("--dsn", dsn, *args))
+
+
+def test_next_page_hint_repeats_the_filters(demo_dsn):
+    tag = cli_json(demo_dsn, "sessions", "list", "--limit", "1")[0]["session_id"]
+    first = sessiontag_cli("--dsn", demo_dsn, "traces", "list", "--tag", tag, "--limit", "2")
+    hint = first.stderr.strip().splitlines()[-1]
+    assert hint.startswith(f"more: sessiontag traces list --tag {tag} --limit 2 --cursor "), hint
+    assert "--dsn" not in hint
+
+
+def test_an_unmigrated_database_says_to_migrate(empty_dsn):
+    message = _one_line_error(sessiontag_cli("--dsn", empty_dsn, "sessions", "list"))
+    assert "run 'sessiontag migrate'" in message

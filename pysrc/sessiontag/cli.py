@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shlex
 import sys
 from datetime import datetime, timedelta, timezone
 from uuid import UUID
@@ -144,13 +145,14 @@ def migrations_cmd(state: State, fmt: str) -> None:
 def verify_cmd(state: State) -> None:
     """Check the database against the expected schema; exit status 1 on any drift."""
     pending = [s.id for s in migrate.states(state.dsn) if not s.applied]
-    with connect(state.dsn) as conn:
-        problems = catalog.diff(catalog.expected(), catalog.snapshot(conn))
     if pending:
         click.echo("pending migrations: " + ", ".join(pending))
+        raise SessiontagError(f"{len(pending)} migration(s) not applied: run 'sessiontag migrate', then verify")
+    with connect(state.dsn) as conn:
+        problems = catalog.diff(catalog.expected(), catalog.snapshot(conn))
     for line in problems:
         click.echo(line)
-    if pending or problems:
+    if problems:
         click.echo(f"drift: {len(problems)} difference(s) from the expected schema", err=True)
         sys.exit(1)
     click.echo("ok: schema sessiontag matches the expected schema")
@@ -158,6 +160,16 @@ def verify_cmd(state: State) -> None:
 
 # -- models -------------------------------------------------------------------------
 MODEL_COLUMNS = ["id", "short_id", "name", "model_key", "provider", "owner_id", "tracked", "created_at"]
+
+
+def emit_models(models, fmt: str) -> None:
+    """Models; the table leaves out the long columns (json and csv have them all)."""
+    if fmt != "table":
+        emit(models, fmt, MODEL_COLUMNS)
+        return
+    emit([{"short_id": m.short_id, "name": views.clip(m.name, 24), "model_key": views.clip(m.model_key, 20),
+           "provider": views.clip(m.provider, 12), "owner": str(m.owner_id)[:8] if m.owner_id else "shared",
+           "tracked": m.tracked} for m in models], fmt)
 
 
 def resolve_model(client: Client, model: str, owner: str | None = None) -> UUID:
@@ -189,17 +201,17 @@ def models_add(state: State, name, provider, model_key, owner_id, model_uuid, fm
     """Register a model (again: returns the existing one)."""
     with state.client() as client:
         model_id = client.register_model(name, provider=provider, model_key=model_key, owner_id=owner_id, id=model_uuid)
-        emit([m for m in client.list_models() if m.id == model_id], fmt, MODEL_COLUMNS)
+        emit_models([m for m in client.list_models() if m.id == model_id], fmt)
 
 
 @models.command("list")
-@click.option("--owner", "owner_id", help="Only this user's models and the shared ones.")
+@click.option("--owner", "owner_id", type=click.UUID, help="Only this user's models and the shared ones.")
 @format_option
 @pass_state
 def models_list(state: State, owner_id, fmt) -> None:
     """List models."""
     with state.client() as client:
-        emit(client.list_models(owner_id), fmt, MODEL_COLUMNS)
+        emit_models(client.list_models(owner_id), fmt)
 
 
 def _tracking_command(tracked: bool):
@@ -226,9 +238,9 @@ def sessions() -> None:
 
 
 @sessions.command("tracking")
-@click.argument("conversation")
+@click.argument("conversation", type=click.UUID)
 @click.argument("state_word", metavar="on|off", type=click.Choice(["on", "off"]))
-@click.option("--user", "user_id", help="Owner of the conversation, when its id is not unique.")
+@click.option("--user", "user_id", type=click.UUID, help="Owner of the conversation, when its id is not unique.")
 @pass_state
 def sessions_tracking(state: State, conversation: str, state_word: str, user_id: str | None) -> None:
     """Record traces of CONVERSATION (on) or not (off)."""
@@ -249,7 +261,10 @@ class TimeParam(click.ParamType):
             return value
         text = value.strip()
         if len(text) > 1 and text[-1] in self._units and text[:-1].isdigit():
-            return datetime.now(timezone.utc) - timedelta(**{self._units[text[-1]]: int(text[:-1])})
+            try:
+                return datetime.now(timezone.utc) - timedelta(**{self._units[text[-1]]: int(text[:-1])})
+            except OverflowError:
+                self.fail(f"{value!r} reaches before year 1", param, ctx)
         try:
             parsed = datetime.fromisoformat(text)
         except ValueError:
@@ -260,10 +275,32 @@ class TimeParam(click.ParamType):
 TIME = TimeParam()
 
 
-def page_hint(rows: list, limit: int, command: str) -> None:
-    """After a full page, say how to get the next one (on stderr, so output stays parseable)."""
-    if rows and len(rows) == limit:
-        click.echo(f"more: {command} --cursor {rows[-1].cursor}", err=True)
+def page_hint(rows: list, limit: int) -> None:
+    """After a full page, print the command that shows the next one: the same command and
+    filters with --cursor (on stderr, so the output stays parseable)."""
+    if not rows or len(rows) < limit:
+        return
+    args, skip = [], False
+    for arg in sys.argv[1:]:  # less --cursor, and less --dsn, which may hold a password
+        if skip:
+            skip = False
+        elif arg in ("--cursor", "--dsn"):
+            skip = True
+        elif not arg.startswith(("--cursor=", "--dsn=")):
+            args.append(arg)
+    click.echo(f"more: sessiontag {shlex.join(args)} --cursor {rows[-1].cursor}", err=True)
+
+
+def checked_page(fetch, since, until):
+    """Runs a list call, with errors in the terms of the command's options."""
+    if since and until and since > until:
+        raise SessiontagError(f"--since ({views.local_time(since)}) is after --until ({views.local_time(until)})")
+    try:
+        return fetch()
+    except DatabaseError as exc:
+        if str(exc).startswith("after is not a cursor"):
+            raise SessiontagError("--cursor: not a cursor printed by this command") from None
+        raise
 
 
 TRACE_COLUMNS = ["when", "session", "trace", "span", "status", "ms"]
@@ -275,9 +312,9 @@ def traces() -> None:
 
 
 @traces.command("list")
-@click.option("--user", "user_id", help="Only this user's spans.")
+@click.option("--user", "user_id", type=click.UUID, help="Only this user's spans.")
 @click.option("--tag", "session_tag", help="Only this session tag.")
-@click.option("--conversation", "conversation_id", help="Only this conversation.")
+@click.option("--conversation", "conversation_id", type=click.UUID, help="Only this conversation.")
 @click.option("--trace", "trace_id", help="Only the spans of this trace.")
 @click.option("--model", "model_name", help="Only spans of this model name.")
 @click.option("--status", type=click.Choice(["running", "success", "error", "cancelled"]))
@@ -293,19 +330,24 @@ def traces() -> None:
 def traces_list(state: State, fmt: str, page_size: int, **filters) -> None:
     """List spans, newest first."""
     with state.client() as client:
-        rows = client.list_traces(page_size=page_size, **filters)
+        rows = checked_page(lambda: client.list_traces(page_size=page_size, **filters),
+                            filters["since"], filters["until"])
     if fmt == "table":
         emit([{"when": views.local_time(r.start_time, with_date="short"), "session": r.session_tag or "-",
                "trace": views.clip(r.trace_id, 8), "span": views.clip(r.span_name, 14),
                "status": r.status, "ms": views.ms(r.duration_ms)} for r in rows], fmt, TRACE_COLUMNS)
     else:
         emit(rows, fmt)
-    page_hint(rows, page_size, "sessiontag traces list ...")
+    users = {r.user_id for r in rows}
+    if filters["session_tag"] and filters["user_id"] is None and len(users) > 1:
+        click.echo(f"note: {len(users)} users hold tag {filters['session_tag']} (each user numbers their own "
+                   "sessions); add --user to see one session", err=True)
+    page_hint(rows, page_size)
 
 
 @traces.command("show")
 @click.argument("trace_id")
-@click.option("--user", "user_id", help="The trace's user (needed when several users have this trace id).")
+@click.option("--user", "user_id", type=click.UUID, help="The trace's user (needed when several users have this trace id).")
 @format_option
 @pass_state
 def traces_show(state: State, trace_id: str, user_id: str | None, fmt: str) -> None:
@@ -325,7 +367,8 @@ def traces_show(state: State, trace_id: str, user_id: str | None, fmt: str) -> N
         emit(spans, fmt)
         return
     root = spans[0]
-    click.echo(f"trace {trace_id}  user {root.user_id}")
+    click.echo(f"trace {trace_id}")
+    click.echo(f"user {root.user_id}")
     click.echo(f"session {', '.join(sorted(tags)) or '-'}" + (f"  {badge}" if badge else ""))
     click.echo(f"started {views.local_time(root.start_time)}")
     click.echo()
@@ -333,17 +376,17 @@ def traces_show(state: State, trace_id: str, user_id: str | None, fmt: str) -> N
         click.echo(line)
 
 
-SESSION_COLUMNS = ["session", "model", "traces", "errors", "tokens", "cost", "p50"]
+SESSION_COLUMNS = ["session", "user", "model", "traces", "errors", "cost", "p50"]
 
 
 def _session_cells(s) -> dict:
-    return {"session": s.session_id, "model": views.clip(s.model_name, 14), "traces": s.trace_count,
-            "errors": s.error_count, "tokens": views.count(s.input_tokens + s.output_tokens),
-            "cost": f"${s.cost_usd:.4f}", "p50": views.ms(s.p50_ms)}
+    return {"session": s.session_id, "user": str(s.user_id)[:8], "model": views.clip(s.model_name, 14),
+            "traces": s.trace_count, "errors": s.error_count, "cost": f"${s.cost_usd:.4f}",
+            "p50": views.ms(s.p50_ms)}
 
 
 @sessions.command("list")
-@click.option("--user", "user_id", help="Only this user's sessions.")
+@click.option("--user", "user_id", type=click.UUID, help="Only this user's sessions.")
 @click.option("--model", help="Only sessions of this model (id or key).")
 @click.option("--since", type=TIME, help="Created at or after (ISO time or age: 30m, 24h, 7d).")
 @click.option("--until", type=TIME, help="Created before (ISO time or age).")
@@ -355,18 +398,19 @@ def sessions_list(state: State, user_id, model, since, until, after, page_size, 
     """List tagged sessions with their metrics, newest first."""
     with state.client() as client:
         model_id = resolve_model(client, model) if model else None
-        rows = client.list_sessions(user_id=user_id, model_id=model_id, since=since, until=until, after=after,
-                                    page_size=page_size)
+        rows = checked_page(lambda: client.list_sessions(user_id=user_id, model_id=model_id, since=since,
+                                                         until=until, after=after, page_size=page_size),
+                            since, until)
     if fmt == "table":
         emit([_session_cells(s) for s in rows], fmt, SESSION_COLUMNS)
     else:
         emit(rows, fmt)
-    page_hint(rows, page_size, "sessiontag sessions list ...")
+    page_hint(rows, page_size)
 
 
 @sessions.command("show")
 @click.argument("tag")
-@click.option("--user", "user_id", help="The session's user (needed when several users hold this tag).")
+@click.option("--user", "user_id", type=click.UUID, help="The session's user (needed when several users hold this tag).")
 @format_option
 @pass_state
 def sessions_show(state: State, tag: str, user_id: str | None, fmt: str) -> None:
@@ -396,7 +440,7 @@ COMPARE_COLUMNS = ["model", "sessions", "traces", "errors", "p50", "p95", "token
 
 
 @cli.command("compare")
-@click.option("--user", "user_id", help="Only this user's sessions.")
+@click.option("--user", "user_id", type=click.UUID, help="Only this user's sessions.")
 @click.option("--model", "models_", multiple=True, help="Only these models (id or key; repeat the option).")
 @click.option("--since", type=TIME, help="Sessions created at or after (ISO time or age: 30m, 24h, 7d).")
 @click.option("--until", type=TIME, help="Sessions created before (ISO time or age).")
@@ -413,7 +457,7 @@ def compare_cmd(state: State, user_id, models_, since, until, fmt) -> None:
     emit([{"model": views.clip(r.model_name, 18), "sessions": r.sessions, "traces": r.traces,
            "errors": "-" if r.error_rate is None else f"{r.error_rate:.1%}", "p50": views.ms(r.p50_ms),
            "p95": views.ms(r.p95_ms), "tokens": views.count(r.input_tokens + r.output_tokens),
-           "$/session": f"{r.cost_per_session:.4f}"} for r in rows], fmt, COMPARE_COLUMNS)
+           "$/session": f"${r.cost_per_session:.4f}"} for r in rows], fmt, COMPARE_COLUMNS)
     if rows:
         click.echo()
         chart = [dict(model_name=r.model_name, p50=r.p50_ms, cost=float(r.cost_per_session),
@@ -517,6 +561,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail("aborted")
     except click.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code)
+    except DatabaseError as exc:
+        if exc.sqlstate in ("3F000", "42883", "42P01"):  # no schema, function or table: not migrated
+            _fail(f"{exc}; is the database migrated? run 'sessiontag migrate'")
+        _fail(str(exc))
     except SessiontagError as exc:
         _fail(str(exc))
     except psycopg.Error as exc:

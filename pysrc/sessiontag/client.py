@@ -206,12 +206,14 @@ class Client:
             error_message=error_message, end_time=end_time, message_id=message_id),
             required=("user_id", "trace_id", "span_id", "span_name"))
 
-    def ingest(self, spans: Iterable[Mapping[str, Any]] | str) -> int:
+    def ingest_traces(self, spans: Iterable[Mapping[str, Any]] | str) -> int:
         """Stores a batch of spans with ingest_traces (all or nothing); returns how many
         took effect. spans: mappings keyed by record_trace's parameter names, or the JSON
         text of such an array."""
         payload = Jsonb(spans, dumps=lambda text: text) if isinstance(spans, str) else Jsonb(list(spans), dumps=dumps)
         return self._scalar("ingest_traces", dict(spans=payload), required=("spans",))
+
+    ingest = ingest_traces  # the short name used by the CLI and the Recorder
 
     @contextmanager
     def trace(self, user_id: UUID | str | None, span_name: str, *, parent: Span | None = None,
