@@ -134,6 +134,13 @@ GRANT EXECUTE ON FUNCTION
     sessiontag.ingest_traces(jsonb),
     sessiontag._lock_conversation(uuid, uuid)
     TO sessiontag_app, sessiontag_user;
+-- OpenTelemetry ingestion: runs as its caller, so the conversations it creates pass
+-- row-level security; the spans go through ingest_traces.
+GRANT EXECUTE ON FUNCTION
+    sessiontag.ingest_otlp(jsonb, uuid),
+    sessiontag._otlp_attributes(jsonb),
+    sessiontag._otlp_time(jsonb)
+    TO sessiontag_app, sessiontag_user;
 -- Models.
 GRANT EXECUTE ON FUNCTION
     sessiontag.register_model(text, text, text, uuid, uuid),

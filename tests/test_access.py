@@ -200,7 +200,7 @@ def test_privilege_matrix(env, admin):
              "_check_page_size", "_check_range", "_summarize"}
     user = reads | {"generate_session_tag", "generate_session_tags", "create_conversation", "ensure_session_tag",
                     "set_analytics_tracking", "start_trace", "end_trace", "record_trace", "ingest_traces",
-                    "_lock_conversation"}
+                    "_lock_conversation", "ingest_otlp", "_otlp_attributes", "_otlp_time"}
     app = user | {"register_model", "set_model_tracking"}
     names = {k: v[0] for k, v in env.roles.items()}
     assert executable(names["reader"]) == reads

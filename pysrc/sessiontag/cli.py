@@ -473,10 +473,9 @@ def compare_cmd(state: State, user_id, models_, since, until, fmt) -> None:
 _BAD_ELEMENT = re.compile(r"^spans\[(\d+)\](\.|: )(.*)$", re.DOTALL)
 
 
-def read_spans(source) -> tuple[list, list[str]]:
+def read_spans(text: str) -> tuple[list, list[str]]:
     """The spans of a JSON array or JSON lines text, and where each one is ("line 12",
     "spans[3]") for error messages."""
-    text = source.read()
     if text.lstrip().startswith("["):
         try:
             spans = json.loads(text)
@@ -495,19 +494,45 @@ def read_spans(source) -> tuple[list, list[str]]:
     return spans, where
 
 
+def _otlp_request(text: str) -> dict | None:
+    """The document, when the text is an OTLP/JSON ExportTraceServiceRequest."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return None  # JSON lines, or broken JSON: read_spans says where
+    return doc if isinstance(doc, dict) and "resourceSpans" in doc else None
+
+
 @cli.command("ingest")
 @click.argument("source", metavar="FILE|-", type=click.File("r", encoding="utf-8"))
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=1000, show_default=True,
               help="Spans per ingest_traces call.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal).")
+@click.option("--default-user", "default_user_id", type=click.UUID,
+              help="OTLP only: the user of spans without a user.id attribute.")
 @pass_state
-def ingest_cmd(state: State, source, batch_size: int, progress: bool | None) -> None:
+def ingest_cmd(state: State, source, batch_size: int, progress: bool | None, default_user_id) -> None:
     """Store the spans of FILE (- reads standard input): a JSON array, or JSON lines (one
     span per line), keyed by record_trace's parameter names; status running and no
-    end_time for a span still open. All or nothing: on bad input nothing is stored and
-    the error names the line (or array index) and the field."""
-    spans, where = read_spans(source)
+    end_time for a span still open; or an OTLP/JSON ExportTraceServiceRequest (an
+    OpenTelemetry export). All or nothing: on bad input nothing is stored and the error
+    names the line (or array index, or OTLP path) and the field."""
+    text = source.read()
+    otlp = _otlp_request(text)
+    if otlp is not None:
+        total = sum(len(s.get("spans") or []) for r in otlp.get("resourceSpans") or [] if isinstance(r, dict)
+                    for s in r.get("scopeSpans") or [] if isinstance(s, dict))
+        with state.client() as client:
+            try:
+                stored = client.ingest_otlp(otlp, default_user_id)
+            except DatabaseError as exc:
+                raise SessiontagError(f"{exc}; nothing was stored") from None
+        click.echo(f"stored {stored} of {total} spans (OTLP)")
+        return
+    spans, where = read_spans(text)
     stored = 0
     show = sys.stderr.isatty() if progress is None else progress
     with state.client() as client, client.conn.transaction():

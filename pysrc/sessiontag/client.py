@@ -215,6 +215,13 @@ class Client:
 
     ingest = ingest_traces  # the short name used by the CLI and the Recorder
 
+    def ingest_otlp(self, payload: Mapping[str, Any] | str, default_user_id: UUID | str | None = None) -> int:
+        """Stores an OTLP/JSON ExportTraceServiceRequest (all or nothing); returns how many
+        spans took effect. user.id, gen_ai.conversation.id / session.id and
+        gen_ai.request.model name the user, the conversation and the model."""
+        doc = Jsonb(payload, dumps=lambda text: text) if isinstance(payload, str) else Jsonb(payload, dumps=dumps)
+        return self._scalar("ingest_otlp", dict(payload=doc, default_user_id=default_user_id), required=("payload",))
+
     @contextmanager
     def trace(self, user_id: UUID | str | None, span_name: str, *, parent: Span | None = None,
               trace_id: str | None = None, span_id: str | None = None, conversation_id: UUID | str | None = None,

@@ -1,0 +1,167 @@
+"""ingest_otlp: OTLP/JSON with OpenTelemetry GenAI attributes becomes tagged spans."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from datetime import datetime, timezone
+
+import psycopg
+import pytest
+
+from sessiontag import Client
+
+T0_NS = 1_732_000_000_000_000_000  # 2024-11-19 07:06:40 UTC
+
+
+def attr(key, value):
+    if isinstance(value, bool):
+        return {"key": key, "value": {"boolValue": value}}
+    if isinstance(value, int):
+        return {"key": key, "value": {"intValue": str(value)}}
+    return {"key": key, "value": {"stringValue": value}}
+
+
+def span(span_id, name, attrs, parent="", start_ms=0, end_ms=1000, code=1, message=""):
+    s = {"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": span_id, "parentSpanId": parent, "name": name,
+         "kind": 3, "startTimeUnixNano": str(T0_NS + start_ms * 1_000_000),
+         "attributes": [attr(k, v) for k, v in attrs.items()], "status": {"code": code, "message": message}}
+    if end_ms is not None:
+        s["endTimeUnixNano"] = str(T0_NS + end_ms * 1_000_000)
+    return s
+
+
+def request(*spans, resource=None):
+    return {"resourceSpans": [{"resource": {"attributes": [attr(k, v) for k, v in (resource or {}).items()]},
+                               "scopeSpans": [{"scope": {"name": "test"}, "spans": list(spans)}]}]}
+
+
+def ingest(conn, payload, default_user=None):
+    return conn.execute("SELECT sessiontag.ingest_otlp(%s, %s)", [json.dumps(payload), default_user]).fetchone()[0]
+
+
+def counts(conn):
+    return tuple(conn.execute(f"SELECT count(*) FROM sessiontag.{t}").fetchone()[0]
+                 for t in ("conversations", "llm_traces", "session_counters"))
+
+
+@pytest.fixture
+def model(conn):
+    return conn.execute("SELECT sessiontag.register_model('GPT-4o', 'openai', 'gpt-4o')").fetchone()[0]
+
+
+def test_genai_spans_are_tagged_by_user_conversation_and_model(conn, model):
+    user = str(uuid.uuid4())
+    payload = request(
+        span("00f067aa0ba902b7", "chat gpt-4o", {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o",
+                                                  "gen_ai.response.model": "gpt-4o-2024-08-06",
+                                                  "gen_ai.usage.input_tokens": 12, "gen_ai.usage.output_tokens": 34,
+                                                  "gen_ai.conversation.id": "conv-1"}, end_ms=1500),
+        span("00f067aa0ba902b8", "execute_tool search", {"gen_ai.operation.name": "execute_tool",
+                                                          "gen_ai.conversation.id": "conv-1"},
+             parent="00f067aa0ba902b7", start_ms=100, end_ms=200, code=2, message="tool failed"),
+        span("00f067aa0ba902b9", "still streaming", {"session.id": "conv-1", "gen_ai.request.model": "gpt-4o"},
+             start_ms=300, end_ms=None),
+        resource={"user.id": user, "service.name": "chat-api"})
+    assert ingest(conn, payload) == 3
+    conv, tag, counter = conn.execute("SELECT id, session_id, session_counter FROM sessiontag.conversations"
+                                      " WHERE external_id = 'conv-1'").fetchone()
+    assert tag == f"chat_model_{model.hex[:6]}_001" and counter == 1
+    rows = conn.execute("SELECT span_id, parent_span_id, user_id, conversation_id, session_tag, model_id, model_name,"
+                        " operation_type, status, error_message, input_tokens, output_tokens, start_time, duration_ms,"
+                        " metadata FROM sessiontag.llm_traces ORDER BY start_time").fetchall()
+    first, tool, streaming = rows
+    assert first[:12] == ("00f067aa0ba902b7", None, uuid.UUID(user), conv, tag, model, "GPT-4o", "llm_call",
+                          "success", None, 12, 34)
+    assert first[12] == datetime.fromtimestamp(T0_NS / 1e9, timezone.utc) and first[13] == 1500.0
+    assert first[14]["otel"]["attributes"]["gen_ai.response.model"] == "gpt-4o-2024-08-06"
+    assert tool[1] == "00f067aa0ba902b7" and tool[7:10] == ("tool", "error", "tool failed") and tool[4] == tag
+    assert streaming[8] == "running" and streaming[4] == tag
+    # a retried export stores nothing twice
+    assert ingest(conn, payload) == 0
+    assert counts(conn) == (1, 3, 1)
+
+
+def test_default_user_and_unregistered_models(conn, model):
+    default = uuid.uuid4()
+    payload = request(span("aaaaaaaaaaaaaaa1", "chat", {"gen_ai.request.model": "mistral-large",
+                                                        "gen_ai.provider.name": "mistral"}))
+    assert ingest(conn, payload, default) == 1
+    row = conn.execute("SELECT user_id, model_id, model_name, model_provider, operation_type, session_tag"
+                       " FROM sessiontag.llm_traces").fetchone()
+    assert row == (default, None, "mistral-large", "mistral", "llm_call", None)
+
+
+def test_the_conversation_existing_under_its_external_id_is_used(conn, model):
+    user = uuid.uuid4()
+    conv = Client(conn).create_conversation(user, model, external_id="app-42")
+    ingest(conn, request(span("bbbbbbbbbbbbbbb1", "chat", {"user.id": str(user), "gen_ai.conversation.id": "app-42"})))
+    assert conn.execute("SELECT conversation_id, session_tag FROM sessiontag.llm_traces").fetchone() == (
+        conv.id, conv.session_id)
+    assert counts(conn)[0] == 1
+
+
+@pytest.mark.parametrize("mutate, sqlstate, message", [
+    (lambda p: p.pop("resourceSpans"), "22023", "payload must be an OTLP/JSON ExportTraceServiceRequest"),
+    (lambda p: p["resourceSpans"][0].update(scopeSpans={}), "22023", "payload.resourceSpans[0].scopeSpans: must be"),
+    (lambda p: p["resourceSpans"][0]["scopeSpans"][0]["spans"].append("x"), "22023",
+     "payload.resourceSpans[0].scopeSpans[0].spans[2]: must be a span object"),
+    (lambda p: p["resourceSpans"][0]["scopeSpans"][0]["spans"][1]["attributes"].append(attr("user.id", "nope")),
+     "22P02", "payload.resourceSpans[0].scopeSpans[0].spans[1].attributes[user.id]: 'nope' is not a uuid"),
+    (lambda p: p["resourceSpans"][0]["scopeSpans"][0]["spans"][1].update(spanId=""), "22023",
+     "payload.resourceSpans[0].scopeSpans[0].spans[1].span_id: must not be empty"),
+    (lambda p: p["resourceSpans"][0]["scopeSpans"][0]["spans"][1]["attributes"].append(
+        attr("gen_ai.usage.input_tokens", -5)), "22023", "payload.resourceSpans[0].scopeSpans[0].spans[1].input_tokens"),
+])
+def test_bad_requests_name_the_place_and_store_nothing(conn, model, mutate, sqlstate, message):
+    user = str(uuid.uuid4())
+    good = request(span("ccccccccccccccc1", "a", {"gen_ai.conversation.id": "c-new"}),
+                   span("ccccccccccccccc2", "b", {"gen_ai.conversation.id": "c-new"}), resource={"user.id": user})
+    bad = copy.deepcopy(good)
+    mutate(bad)
+    with pytest.raises(psycopg.Error) as info:
+        ingest(conn, bad)
+    assert info.value.sqlstate == sqlstate
+    assert info.value.diag.message_primary.startswith(message), info.value.diag.message_primary
+    assert counts(conn) == (0, 0, 0), "nothing stored, not even the new conversation"
+
+
+def test_no_user_anywhere_is_refused(conn):
+    with pytest.raises(psycopg.Error) as info:
+        ingest(conn, request(span("ddddddddddddddd1", "a", {})))
+    assert info.value.sqlstate == "22004" and "default_user_id" in info.value.diag.message_primary
+
+
+def test_a_user_scoped_caller_ingests_only_for_its_user(conn, dsn, model):
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    role = f"otlp_alice_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE ROLE {role} LOGIN IN ROLE sessiontag_user")
+    try:
+        with psycopg.connect(f"{dsn} user={role}", autocommit=True) as scoped:
+            scoped.execute("SELECT set_config('sessiontag.user_id', %s, false)", [str(alice)])
+            with pytest.raises(psycopg.Error) as info:
+                ingest(scoped, request(span("eeeeeeeeeeeeeee1", "a", {"gen_ai.conversation.id": "x"}),
+                                       resource={"user.id": str(bob)}))
+            assert info.value.sqlstate == "42501"
+            assert ingest(scoped, request(span("eeeeeeeeeeeeeee2", "a", {"gen_ai.conversation.id": "x"}),
+                                          resource={"user.id": str(alice)})) == 1
+        assert conn.execute("SELECT DISTINCT user_id FROM sessiontag.llm_traces").fetchall() == [(alice,)]
+    finally:
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")
+
+
+def test_client_and_cli_take_otlp_json(dsn, tmp_path, model):
+    from tests.test_migrations import sessiontag_cli
+
+    user = uuid.uuid4()
+    payload = request(span("fffffffffffffff1", "chat", {"gen_ai.request.model": "gpt-4o"}), resource={"user.id": str(user)})
+    with Client.connect(dsn) as client:
+        assert client.ingest_otlp(payload) == 1
+    other = request(span("fffffffffffffff2", "chat", {"gen_ai.request.model": "gpt-4o"}))
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(other))
+    result = sessiontag_cli("--dsn", dsn, "ingest", "--default-user", str(user), str(path))
+    assert result.returncode == 0, result.stderr
+    assert "stored 1 of 1 spans" in result.stdout
