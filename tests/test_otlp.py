@@ -165,3 +165,40 @@ def test_client_and_cli_take_otlp_json(dsn, tmp_path, model):
     result = sessiontag_cli("--dsn", dsn, "ingest", "--default-user", str(user), str(path))
     assert result.returncode == 0, result.stderr
     assert "stored 1 of 1 spans" in result.stdout
+
+
+def test_opentelemetry_sdk_exporter_stores_genai_spans_tagged(dsn, model, caplog):
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.trace import Status, StatusCode
+
+    from sessiontag.otel import SessiontagSpanExporter
+
+    user = uuid.uuid4()
+    provider = TracerProvider(resource=Resource.create({"user.id": str(user), "service.name": "chat"}))
+    provider.add_span_processor(SimpleSpanProcessor(SessiontagSpanExporter(dsn)))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("chat turn", attributes={"gen_ai.conversation.id": "otel-1"}):
+        with tracer.start_as_current_span("chat gpt-4o", attributes={
+                "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o",
+                "gen_ai.conversation.id": "otel-1", "gen_ai.usage.input_tokens": 21,
+                "gen_ai.usage.output_tokens": 8}) as llm:
+            llm.set_status(Status(StatusCode.ERROR, "rate limited"))
+    provider.shutdown()
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT span_name, parent_span_id IS NULL, session_tag, model_id, status, error_message,"
+                            " input_tokens, output_tokens FROM sessiontag.llm_traces ORDER BY start_time").fetchall()
+    tag = f"chat_model_{model.hex[:6]}_001"
+    assert rows == [("chat turn", True, tag, None, "success", None, None, None),
+                    ("chat gpt-4o", False, tag, model, "error", "rate limited", 21, 8)]
+
+    # the database gone: the exporter reports a failure and logs why, the application goes on
+    broken = SessiontagSpanExporter("host=127.0.0.1 port=1 dbname=x connect_timeout=2")
+    provider = TracerProvider(resource=Resource.create({"user.id": str(user)}))
+    provider.add_span_processor(SimpleSpanProcessor(broken))
+    with caplog.at_level("WARNING", logger="sessiontag.otel"):
+        with provider.get_tracer("test").start_as_current_span("lost"):
+            pass
+    provider.shutdown()
+    assert "spans not exported" in caplog.text and "cannot connect" in caplog.text
