@@ -532,6 +532,8 @@ def ingest_cmd(state: State, source, batch_size: int, progress: bool | None, def
                 raise SessiontagError(f"{exc}; nothing was stored") from None
         click.echo(f"stored {stored} of {total} spans (OTLP)")
         return
+    if default_user_id is not None:
+        raise SessiontagError("--default-user applies to OTLP exports only; give each span its user_id")
     spans, where = read_spans(text)
     stored = 0
     show = sys.stderr.isatty() if progress is None else progress
