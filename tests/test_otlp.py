@@ -202,3 +202,12 @@ def test_opentelemetry_sdk_exporter_stores_genai_spans_tagged(dsn, model, caplog
             pass
     provider.shutdown()
     assert "spans not exported" in caplog.text and "cannot connect" in caplog.text
+
+
+def test_default_user_is_refused_for_plain_span_files(dsn, tmp_path):
+    from tests.test_migrations import _one_line_error, sessiontag_cli
+
+    path = tmp_path / "spans.jsonl"
+    path.write_text(json.dumps({"user_id": str(uuid.uuid4()), "trace_id": "t", "span_id": "s", "span_name": "x"}))
+    message = _one_line_error(sessiontag_cli("--dsn", dsn, "ingest", "--default-user", str(uuid.uuid4()), str(path)))
+    assert "--default-user applies to OTLP exports only" in message
