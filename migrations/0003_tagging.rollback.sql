@@ -35,6 +35,7 @@ DROP FUNCTION sessiontag.generate_session_tags(uuid, uuid, integer);
 DROP FUNCTION sessiontag.generate_session_tag(uuid, uuid);
 DROP FUNCTION sessiontag._take_counter(uuid, uuid, bigint);
 DROP FUNCTION sessiontag._format_tag(text, bigint);
+DROP FUNCTION sessiontag._badge(text, text, bigint);
 DROP FUNCTION sessiontag._pad_counter(bigint);
 DROP TYPE sessiontag.session_tag;
 DROP FUNCTION sessiontag.list_models(uuid);

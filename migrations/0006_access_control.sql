@@ -592,6 +592,7 @@ GRANT EXECUTE ON FUNCTION
     sessiontag.compare_models(uuid, uuid[], timestamptz, timestamptz),
     -- the pure helpers the reads call as their caller
     sessiontag._pad_counter(bigint),
+    sessiontag._badge(text, text, bigint),
     sessiontag._encode_cursor(timestamptz, uuid, uuid),
     sessiontag._decode_cursor(text, text),
     sessiontag._check_page_size(integer),

@@ -42,6 +42,21 @@ BEGIN
 END
 $$;
 
+-- '[GPT-4o #007]' for a numbered tag; '[name]' (or '[tag]') for a manual one.
+CREATE FUNCTION sessiontag._badge(experiment_name text, session_id text, counter bigint)
+RETURNS text
+LANGUAGE plpgsql
+IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF _badge.counter IS NULL THEN
+        RETURN '[' || coalesce(_badge.experiment_name, _badge.session_id) || ']';
+    END IF;
+    RETURN '[' || coalesce(_badge.experiment_name, 'session') || ' #' || sessiontag._pad_counter(_badge.counter) || ']';
+END
+$$;
+
 -- Takes the next n numbers of (user_id, model_id) and returns the last one. The counter
 -- row stays locked until the caller's transaction ends: concurrent callers of the same
 -- key queue behind it, callers of other keys do not; a rollback undoes the increment.
@@ -357,10 +372,7 @@ LANGUAGE sql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE WHEN c.session_counter IS NULL
-                THEN '[' || coalesce(c.experiment_name, c.session_id) || ']'
-                ELSE '[' || coalesce(c.experiment_name, 'session') || ' #' || sessiontag._pad_counter(c.session_counter) || ']'
-           END
+    SELECT sessiontag._badge(c.experiment_name, c.session_id, c.session_counter)
     FROM sessiontag.conversations c
     WHERE c.session_id = session_badge.session_id
       AND (session_badge.user_id IS NULL OR c.user_id = session_badge.user_id)

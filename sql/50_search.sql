@@ -255,10 +255,7 @@ DECLARE
     result sessiontag.session_summary;
 BEGIN
     SELECT _summarize.c.session_id,
-           CASE WHEN _summarize.c.session_counter IS NULL
-                THEN '[' || coalesce(_summarize.c.experiment_name, _summarize.c.session_id) || ']'
-                ELSE '[' || coalesce(_summarize.c.experiment_name, 'session') || ' #'
-                     || sessiontag._pad_counter(_summarize.c.session_counter) || ']' END,
+           sessiontag._badge(_summarize.c.experiment_name, _summarize.c.session_id, _summarize.c.session_counter),
            _summarize.c.user_id, _summarize.c.id, _summarize.c.llm_model_id, _summarize.c.experiment_name,
            _summarize.c.session_counter,
            count(DISTINCT t.trace_id),

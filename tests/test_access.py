@@ -196,7 +196,7 @@ def test_privilege_matrix(env, admin):
                   AND has_table_privilege(%s, oid, 'DELETE, TRUNCATE')""", [role])}
 
     reads = {"model_id", "list_models", "session_badge", "list_traces", "get_trace", "list_sessions",
-             "session_summary", "compare_models", "_pad_counter", "_encode_cursor", "_decode_cursor",
+             "session_summary", "compare_models", "_pad_counter", "_badge", "_encode_cursor", "_decode_cursor",
              "_check_page_size", "_check_range", "_summarize"}
     user = reads | {"generate_session_tag", "generate_session_tags", "create_conversation", "ensure_session_tag",
                     "set_analytics_tracking", "start_trace", "end_trace", "record_trace", "ingest_traces",

@@ -14,7 +14,6 @@ from uuid import UUID
 import tabulate as _tabulate
 from tabulate import tabulate
 
-_tabulate.MIN_PADDING = 0  # columns as wide as their widest cell: tables fit 80 columns
 
 FORMATS = ("table", "json", "csv")
 
@@ -60,5 +59,11 @@ def render(rows: Iterable[Any], fmt: str, columns: list[str] | None = None) -> s
         return buffer.getvalue().rstrip("\n")
     if not dicts:
         return "(no rows)"
-    return tabulate([[_cell(d.get(c)) for c in columns] for d in dicts], headers=columns, tablefmt="simple",
-                    disable_numparse=True)
+    # Columns as wide as their widest cell, so tables fit 80 columns; tabulate only has a
+    # module-wide setting for that, restored right after.
+    padding, _tabulate.MIN_PADDING = _tabulate.MIN_PADDING, 0
+    try:
+        return tabulate([[_cell(d.get(c)) for c in columns] for d in dicts], headers=columns, tablefmt="simple",
+                        disable_numparse=True)
+    finally:
+        _tabulate.MIN_PADDING = padding
