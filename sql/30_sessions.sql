@@ -78,9 +78,9 @@ END
 $$;
 
 -- Takes the next tag of (user_id, model_id). NULL, never an error, when an argument is
--- NULL or the model is unknown or not tracked, and for a user-scoped caller (see
--- 60_access.sql) when user_id is another user or the model another owner's (only a
--- missing sessiontag.user_id raises, as a missing privilege does). The number belongs to
+-- NULL or the model is unknown, not tracked or another user's private model, and for a
+-- user-scoped caller (see 60_access.sql) when user_id is another user (only a missing
+-- sessiontag.user_id raises, as a missing privilege does). The number belongs to
 -- the caller's transaction: commit it with the conversation that carries the tag.
 -- SECURITY DEFINER: it writes the counters, which no caller may write.
 CREATE FUNCTION sessiontag.generate_session_tag(user_id uuid, model_id uuid)
@@ -102,7 +102,8 @@ BEGIN
         RETURN NULL;
     END IF;
     SELECT * INTO m FROM sessiontag.llm_models
-    WHERE id = generate_session_tag.model_id AND tracked AND (scoped IS NULL OR owner_id IS NULL OR owner_id = scoped);
+    WHERE id = generate_session_tag.model_id AND tracked
+      AND (owner_id IS NULL OR owner_id = generate_session_tag.user_id);
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
@@ -134,7 +135,8 @@ BEGIN
         RETURN;
     END IF;
     SELECT * INTO m FROM sessiontag.llm_models
-    WHERE id = generate_session_tags.model_id AND tracked AND (scoped IS NULL OR owner_id IS NULL OR owner_id = scoped);
+    WHERE id = generate_session_tags.model_id AND tracked
+      AND (owner_id IS NULL OR owner_id = generate_session_tags.user_id);
     IF NOT FOUND THEN
         RETURN;
     END IF;
@@ -149,8 +151,9 @@ $$;
 -- every tag written by a caller. A caller may give its own session_id (a manual tag);
 -- one in the automatic form must have been issued by generate_session_tag(s) for this
 -- user and model, so it can never collide with a tag handed out later. A tag, once
--- set, never changes. SECURITY DEFINER: it writes the counters; a user-scoped caller may
--- only write its own user's conversations, with the shared models or its own.
+-- set, never changes. A conversation uses a shared model or its own user's. SECURITY
+-- DEFINER: it writes the counters; a user-scoped caller may only write its own user's
+-- conversations.
 CREATE FUNCTION sessiontag._conversations_tag()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -161,8 +164,8 @@ DECLARE
     m sessiontag.llm_models;
     parts text[];
     issued bigint;
-    scoped uuid := sessiontag._check_user(NEW.user_id);
 BEGIN
+    PERFORM sessiontag._check_user(NEW.user_id);
     IF TG_OP = 'UPDATE' THEN
         IF OLD.session_id IS NOT NULL AND (NEW.session_id IS DISTINCT FROM OLD.session_id
                                            OR NEW.session_counter IS DISTINCT FROM OLD.session_counter) THEN
@@ -180,7 +183,7 @@ BEGIN
     END IF;
     IF NEW.llm_model_id IS NOT NULL THEN
         SELECT * INTO m FROM sessiontag.llm_models
-        WHERE id = NEW.llm_model_id AND (scoped IS NULL OR owner_id IS NULL OR owner_id = scoped);
+        WHERE id = NEW.llm_model_id AND (owner_id IS NULL OR owner_id = NEW.user_id);
         IF NOT FOUND THEN
             RAISE EXCEPTION 'llm_model_id % is not a registered model', NEW.llm_model_id
                 USING ERRCODE = 'foreign_key_violation';
@@ -194,6 +197,19 @@ BEGIN
         END IF;
         IF TG_OP = 'INSERT' AND m.tracked THEN
             NEW.session_counter := sessiontag._take_counter(NEW.user_id, m.id);
+            -- A row whose key is taken is never stored: an INSERT ... ON CONFLICT skips it
+            -- or updates the existing row, and a plain INSERT fails. Give the number back,
+            -- or the counter would have a gap. Checked after the counter's row lock, so a
+            -- concurrent creator of the same conversation (same model) has committed by
+            -- then and its row is seen.
+            IF EXISTS (SELECT FROM sessiontag.conversations c WHERE c.user_id = NEW.user_id AND c.id = NEW.id)
+               OR EXISTS (SELECT FROM sessiontag.conversations c
+                          WHERE c.user_id = NEW.user_id AND c.external_id = NEW.external_id) THEN
+                UPDATE sessiontag.session_counters c SET last_value = c.last_value - 1
+                WHERE c.user_id = NEW.user_id AND c.model_id = m.id;
+                NEW.session_counter := NULL;
+                RETURN NEW;
+            END IF;
             NEW.session_id := sessiontag._format_tag(m.short_id, NEW.session_counter);
             NEW.experiment_name := m.name;
         END IF;
@@ -330,7 +346,7 @@ $$;
 -- one conversation queue on its row lock, so they yield one tag and take one number.
 -- NULL when the conversation has no tag and no tracked model to make one. SECURITY
 -- DEFINER (it writes the counters and the tag): for a user-scoped caller another user's
--- conversation, or another owner's model, does not exist.
+-- conversation does not exist, and for everyone another user's private model.
 CREATE FUNCTION sessiontag.ensure_session_tag(conversation_id uuid, model_id uuid DEFAULT NULL, user_id uuid DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql
@@ -348,7 +364,7 @@ BEGIN
     END IF;
     IF ensure_session_tag.model_id IS NOT NULL
        AND NOT EXISTS (SELECT FROM sessiontag.llm_models m WHERE m.id = ensure_session_tag.model_id
-                       AND (scoped IS NULL OR m.owner_id IS NULL OR m.owner_id = scoped)) THEN
+                       AND (m.owner_id IS NULL OR m.owner_id = c.user_id)) THEN
         RAISE EXCEPTION 'model_id % is not a registered model', ensure_session_tag.model_id
             USING ERRCODE = 'no_data_found';
     END IF;

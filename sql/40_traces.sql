@@ -216,8 +216,8 @@ $$;
 -- The first problem with what a span refers to: the user's conversation, a registered
 -- model, and a caller-supplied session_tag, which must be the conversation's own (a
 -- trace carries its conversation's tag; a different one is a caller's bug, refused
--- rather than silently replaced). For a user-scoped caller another owner's model does
--- not exist.
+-- rather than silently replaced). Another user's private model does not exist for the
+-- span's user.
 CREATE FUNCTION sessiontag._refs_problem(user_id uuid, conversation_id uuid, model_id uuid, session_tag text)
 RETURNS sessiontag._problem
 LANGUAGE plpgsql
@@ -226,11 +226,10 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     conv sessiontag.conversations;
-    scoped uuid := sessiontag._scoped_user();
 BEGIN
     IF _refs_problem.model_id IS NOT NULL
        AND NOT EXISTS (SELECT FROM sessiontag.llm_models m WHERE m.id = _refs_problem.model_id
-                       AND (scoped IS NULL OR m.owner_id IS NULL OR m.owner_id = scoped)) THEN
+                       AND (m.owner_id IS NULL OR m.owner_id = _refs_problem.user_id)) THEN
         RETURN ROW('model_id', format('%s is not a registered model', _refs_problem.model_id),
                    'P0002')::sessiontag._problem;
     END IF;
@@ -568,7 +567,6 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     inserted integer;
-    scoped uuid := sessiontag._scoped_user();
 BEGIN
     INSERT INTO sessiontag.llm_traces AS t
         (user_id, trace_id, span_id, parent_span_id, conversation_id, message_id, session_tag, span_name,
@@ -591,7 +589,7 @@ BEGIN
         message_id text)
     LEFT JOIN sessiontag.conversations c ON c.user_id = s.user_id AND c.id = s.conversation_id
     LEFT JOIN sessiontag.llm_models m ON m.id = s.model_id
-                                      AND (scoped IS NULL OR m.owner_id IS NULL OR m.owner_id = scoped)
+                                      AND (m.owner_id IS NULL OR m.owner_id = s.user_id)
     -- One CASE, so every row is checked before it can be skipped (separate quals could be
     -- reordered). Mirrors _element_problem where no constraint of llm_traces does.
     WHERE CASE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import uuid
 from collections import defaultdict
 
@@ -262,6 +263,77 @@ def test_conversation_errors_name_the_argument_and_store_nothing(conn):
     assert state == "P0002" and "model_id" in message
     assert counts(conn) == (1, 0)
     assert model is not None
+
+
+def test_a_row_insert_on_conflict_never_stores_takes_no_number(conn):
+    model, user = register(conn), uuid.uuid4()
+    first = conn.execute("SELECT id FROM sessiontag.create_conversation(%s, %s)", [user, model]).fetchone()[0]
+    conn.execute("UPDATE sessiontag.conversations SET external_id = 'app-1' WHERE id = %s", [first])
+    insert = "INSERT INTO sessiontag.conversations (user_id, id, external_id, llm_model_id) VALUES (%s, %s, %s, %s)"
+    conn.execute(insert + " ON CONFLICT DO NOTHING", [user, first, None, model])
+    conn.execute(insert + " ON CONFLICT (user_id, id) DO UPDATE SET title = 'again'", [user, first, None, model])
+    conn.execute(insert + " ON CONFLICT DO NOTHING", [user, uuid.uuid4(), "app-1", model])
+    conn.execute(insert + " ON CONFLICT (user_id, external_id) DO UPDATE SET title = 'again'",
+                 [user, uuid.uuid4(), "app-1", model])
+    state, _ = sqlstate_of(conn, insert, [user, first, None, model])
+    assert state == "23505"
+    assert counts(conn) == (1, 1)
+    tag = conn.execute("SELECT session_id FROM sessiontag.create_conversation(%s, %s)", [user, model]).fetchone()[0]
+    assert tag == f"chat_model_{model.hex[:6]}_002"
+
+
+def test_concurrent_creators_of_one_conversation_take_one_number(dsn):
+    """16 connections insert the same new conversation at once (by id, then by external
+    id), ON CONFLICT DO NOTHING: one row, one number, and the next conversation is _002/_003."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        model, user = register(conn), uuid.uuid4()
+    for column, value in [("id", uuid.uuid4()), ("external_id", "app-conversation-7")]:
+        barrier = threading.Barrier(16)
+        errors = []
+
+        def worker():
+            try:
+                with psycopg.connect(dsn) as c:
+                    barrier.wait()
+                    c.execute(f"INSERT INTO sessiontag.conversations (user_id, {column}, llm_model_id)"
+                              " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", [user, value, model])
+                    time.sleep(0.05)  # hold the counter a moment, so the others queue behind it
+                    c.commit()
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(16)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert errors == []
+    with psycopg.connect(dsn) as c:
+        assert counts(c) == (2, 2)
+        assert sorted(r[0] for r in c.execute("SELECT session_counter FROM sessiontag.conversations")) == [1, 2]
+        tag = c.execute("SELECT session_id FROM sessiontag.create_conversation(%s, %s)", [user, model]).fetchone()[0]
+    assert tag == f"chat_model_{model.hex[:6]}_003"
+
+
+def test_another_users_private_model_is_unknown_to_a_conversation_whoever_calls(conn):
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    private = register(conn, "Alice's fine-tune", "ft-alice", owner=alice)
+    assert conn.execute("SELECT sessiontag.generate_session_tag(%s, %s)", [bob, private]).fetchone()[0] is None
+    assert list(conn.execute("SELECT * FROM sessiontag.generate_session_tags(%s, %s, 3)", [bob, private])) == []
+    state, message = sqlstate_of(conn, "SELECT sessiontag.create_conversation(%s, %s)", [bob, private])
+    assert state == "23503" and "model_id" in message
+    conv = conn.execute("SELECT id FROM sessiontag.create_conversation(%s)", [bob]).fetchone()[0]
+    state, message = sqlstate_of(conn, "SELECT sessiontag.ensure_session_tag(%s, %s)", [conv, private])
+    assert state == "P0002" and "model_id" in message
+    state, message = sqlstate_of(conn, "SELECT sessiontag.record_trace(%s, 't1', 's1', 'chat', model_id => %s)",
+                                 [bob, private])
+    assert state == "P0002" and "model_id" in message
+    state, message = sqlstate_of(conn, "SELECT sessiontag.ingest_traces(%s::jsonb)", [
+        f'[{{"user_id": "{bob}", "trace_id": "t2", "span_id": "s1", "span_name": "chat", "model_id": "{private}"}}]'])
+    assert state == "P0002" and message.startswith("spans[0].model_id")
+    assert counts(conn) == (1, 0)
+    assert conn.execute("SELECT count(*) FROM sessiontag.llm_traces").fetchone()[0] == 0
+    # Its owner uses it as any model.
+    tag = conn.execute("SELECT session_id FROM sessiontag.create_conversation(%s, %s)", [alice, private]).fetchone()[0]
+    assert tag == f"chat_model_{private.hex[:6]}_001"
 
 
 def test_ensure_session_tag_tags_once_and_returns_the_existing_tag(conn):
