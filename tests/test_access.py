@@ -431,6 +431,19 @@ def test_a_role_set_with_set_role_is_scoped_inside_definer_functions(env, admin,
 
 
 # -- sessiontag_reader and sessiontag_app ----------------------------------------------
+def test_reader_runs_the_cli_read_commands_and_verify(env, seed):
+    from tests.test_migrations import _one_line_error, sessiontag_cli
+
+    dsn = env.admin.replace("user=postgres", f"user={env.roles['reader'][0]}")
+    listed = sessiontag_cli("--dsn", dsn, "sessions", "list", "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    verify = sessiontag_cli("--dsn", dsn, "verify")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert verify.stdout.startswith("ok") and "comparing the schema only" in verify.stderr
+    error = _one_line_error(sessiontag_cli("--dsn", dsn, "migrations"))
+    assert "permission denied for table public._yoyo_migration" in error
+
+
 def test_reader_reads_everything_and_writes_nothing(env, admin, seed):
     before = counts(admin)
     with env.login("reader", seed["alice"]) as conn:  # the setting does not narrow a reader

@@ -37,6 +37,11 @@ def test_demo_loads_a_realistic_workload(demo_dsn):
     assert {s.operation_type for s in spans} >= {"chain", "retrieval", "llm_call"}
     assert any(s.parent_span_id for s in spans) and any(s.status == "error" for s in spans)
     assert all(s.session_tag for s in spans), "every trace carries its session tag"
+    with Client.connect(demo_dsn) as client:
+        late = client.conn.execute(
+            "SELECT count(*) FROM sessiontag.conversations c JOIN sessiontag.llm_traces t"
+            " ON t.user_id = c.user_id AND t.conversation_id = c.id WHERE t.start_time < c.created_at").fetchone()[0]
+    assert late == 0, "no conversation begins after its first turn"
 
 
 def test_traces_list_json_and_csv_agree_and_filter_by_tag(demo_dsn):
@@ -118,6 +123,11 @@ def test_sessions_list_show_and_compare(demo_dsn):
     (["traces", "list", "--user", "not-a-uuid"], "'--user': 'not-a-uuid' is not a valid UUID"),
     (["sessions", "tracking", "not-a-uuid", "off"], "is not a valid UUID"),
     (["traces", "list", "--limit", "0"], "--limit"),
+    (["traces", "list", "--search", ""], "--search: must not be empty"),
+    (["compare", "--since", "2026-12-01", "--until", "2026-11-01"], "--since (2026-12-01"),
+    (["models", "add", "X", "--owner", "bad"], "'--owner': 'bad' is not a valid UUID"),
+    (["models", "add", "X", "--id", "bad"], "'--id': 'bad' is not a valid UUID"),
+    (["models", "track", "gpt-4o", "--owner", "bad"], "'--owner': 'bad' is not a valid UUID"),
 ])
 def test_cli_search_errors_are_one_line(dsn, args, expected):
     assert expected in _one_line_error(sessiontag_cli("--dsn", dsn, *args))
@@ -134,3 +144,57 @@ def test_next_page_hint_repeats_the_filters(demo_dsn):
 def test_an_unmigrated_database_says_to_migrate(empty_dsn):
     message = _one_line_error(sessiontag_cli("--dsn", empty_dsn, "sessions", "list"))
     assert "run 'sessiontag migrate'" in message
+
+
+def test_no_command_prints_the_help(dsn):
+    for args in ([], ["sessions"], ["traces"]):
+        result = sessiontag_cli(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.startswith("Usage: sessiontag") and "Commands:" in result.stderr.splitlines()
+    listing = sessiontag_cli("--help").stdout
+    assert "..." not in listing.split("Commands:")[1], "command summaries are not cut"
+
+
+def test_sessions_list_shows_badges(demo_dsn):
+    sessions = cli_json(demo_dsn, "sessions", "list", "--limit", "5")
+    table = sessiontag_cli("--dsn", demo_dsn, "sessions", "list", "--limit", "5").stdout
+    assert table.splitlines()[0].split()[:3] == ["session", "badge", "user"]
+    lines = table.splitlines()
+    for s in sessions:
+        line = next(line for line in lines if line.startswith(s["session_id"]) and s["user_id"][:8] in line)
+        name, number = s["badge"][1:-1].rsplit(" #", 1)
+        assert f"[{name[:10]}" in line and f" #{number}]" in line, (s["badge"], line)
+    assert any(len(s["badge"]) > 22 for s in cli_json(demo_dsn, "sessions", "list", "--limit", "1000")), \
+        "the demo has a badge too long for the column (Claude 3.5 Sonnet)"
+
+
+def test_csv_writes_json_columns_as_json(demo_dsn):
+    rows = cli_json(demo_dsn, "traces", "list", "--limit", "20")
+    result = sessiontag_cli("--dsn", demo_dsn, "traces", "list", "--limit", "20", "--format", "csv")
+    parsed = list(csv.DictReader(io.StringIO(result.stdout)))
+    for row, expected in zip(parsed, rows):
+        for column in ("input_data", "output_data", "metadata"):
+            assert (json.loads(row[column]) if row[column] else None) == expected[column]
+
+
+def test_traces_show_takes_the_id_as_traces_list_shows_it(demo_dsn):
+    table = sessiontag_cli("--dsn", demo_dsn, "traces", "list", "--roots", "--limit", "1").stdout
+    shown = table.splitlines()[2].split()[3]  # when (2 words), session, trace
+    assert shown.endswith("…")
+    root = cli_json(demo_dsn, "traces", "list", "--roots", "--limit", "1")[0]
+    assert root["trace_id"].startswith(shown.rstrip("…"))
+    for given in (shown, shown.rstrip("…"), root["trace_id"]):
+        result = sessiontag_cli("--dsn", demo_dsn, "traces", "show", given)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[0] == f"trace {root['trace_id']}"
+    error = _one_line_error(sessiontag_cli("--dsn", demo_dsn, "traces", "show", "a"))
+    assert "starts" in error and "give more of it" in error
+
+
+def test_traces_list_model_takes_a_name_key_or_id(demo_dsn):
+    with Client.connect(demo_dsn) as client:
+        model = next(m for m in client.list_models() if m.model_key == "gpt-4o")
+    by = {}
+    for given in ("GPT-4o", "gpt-4o", str(model.id)):
+        by[given] = [r["id"] for r in cli_json(demo_dsn, "traces", "list", "--model", given, "--limit", "1000")]
+    assert by["GPT-4o"] and by["GPT-4o"] == by["gpt-4o"] == by[str(model.id)]

@@ -57,6 +57,8 @@ def test_commands_start_the_local_server_on_demand_and_reuse_it(home):
         results = list(pool.map(lambda _: run(home, "migrations", "--format", "csv"), range(3)))
     for r in results:
         assert r.returncode == 0, r.stderr
+    notices = [r.stderr for r in results if "started the local server" in r.stderr]
+    assert len(notices) == 1 and str(home / "data") in notices[0], "the one that started it says so"
     applied = run(home, "migrate")
     assert applied.returncode == 0 and "applied 0001_base_tables" in applied.stdout
     status = run(home, "db", "status")
@@ -68,6 +70,15 @@ def test_commands_start_the_local_server_on_demand_and_reuse_it(home):
     # the data survives a restart, and `verify` brings the server back up by itself
     verify = run(home, "verify")
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert verify.stderr.startswith("started the local server")
+
+
+def test_a_home_that_is_not_a_directory_is_a_clear_error(home):
+    home.parent.mkdir(parents=True, exist_ok=True)
+    home.write_text("not a directory")
+    result = run(home, "sessions", "list")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: cannot use {home} for the local server (SESSIONTAG_HOME): File exists"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")

@@ -153,7 +153,7 @@ def test_a_user_scoped_caller_ingests_only_for_its_user(conn, dsn, model):
 
 
 def test_client_and_cli_take_otlp_json(dsn, tmp_path, model):
-    from tests.test_migrations import sessiontag_cli
+    from tests.test_migrations import _one_line_error, sessiontag_cli
 
     user = uuid.uuid4()
     payload = request(span("fffffffffffffff1", "chat", {"gen_ai.request.model": "gpt-4o"}), resource={"user.id": str(user)})
@@ -164,7 +164,16 @@ def test_client_and_cli_take_otlp_json(dsn, tmp_path, model):
     path.write_text(json.dumps(other))
     result = sessiontag_cli("--dsn", dsn, "ingest", "--default-user", str(user), str(path))
     assert result.returncode == 0, result.stderr
-    assert "stored 1 of 1 spans" in result.stdout
+    assert result.stdout.strip() == "stored 1 of 1 spans (OTLP)"
+    again = sessiontag_cli("--dsn", dsn, "ingest", "--default-user", str(user), str(path))
+    assert again.stdout.strip() == ("stored 0 of 1 spans (OTLP) (1 skipped: already stored, or of conversations"
+                                    " with tracking off)")
+    # Errors speak of the command's options, and a malformed request is the database's to name.
+    error = _one_line_error(sessiontag_cli("--dsn", dsn, "ingest", str(path)))
+    assert "--default-user" in error and "default_user_id" not in error and error.endswith("nothing was stored")
+    path.write_text(json.dumps({"resourceSpans": 5}))
+    error = _one_line_error(sessiontag_cli("--dsn", dsn, "ingest", str(path)))
+    assert error.startswith("error: payload must be an OTLP/JSON ExportTraceServiceRequest"), error
 
 
 def test_opentelemetry_sdk_exporter_stores_genai_spans_tagged(dsn, model, caplog):

@@ -674,4 +674,11 @@ def test_cli_ingest_bad_input_is_one_line_naming_line_and_field_and_stores_nothi
     error = _one_line_error(sessiontag_cli("--dsn", dsn, "ingest", "-", stdin=good[0] + "\n{\"user_id\": \n"))
     assert error == "error: line 2: invalid JSON: Expecting value (column 13)"
     assert "No such file" in _one_line_error(sessiontag_cli("--dsn", dsn, "ingest", str(tmp_path / "missing.json")))
+    empty = tmp_path / "empty.json"
+    empty.write_text(" \n")
+    assert _one_line_error(sessiontag_cli("--dsn", dsn, "ingest", str(empty))) == f"error: {empty}: no spans (it is empty)"
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(json.dumps([span(user, "cli", "x", span_name="caf\u00e9")], ensure_ascii=False).encode("latin-1"))
+    error = _one_line_error(sessiontag_cli("--dsn", dsn, "ingest", str(latin1)))
+    assert error.startswith(f"error: {latin1}: not UTF-8 text (invalid continuation byte at byte ")
     assert count(conn) == 0

@@ -34,7 +34,7 @@ class State:
     @property
     def dsn(self) -> str:
         if self._dsn is None:
-            self._dsn = resolve_dsn(self._dsn_option)
+            self._dsn = resolve_dsn(self._dsn_option, notice=lambda text: click.echo(text, err=True))
         return self._dsn
 
     def client(self) -> Client:
@@ -63,7 +63,7 @@ def cli(ctx: click.Context, dsn: str | None) -> None:
 
 
 # -- local server -------------------------------------------------------------------
-@cli.group()
+@cli.group(short_help="The local PostgreSQL server (used without --dsn).")
 def db() -> None:
     """The local PostgreSQL server used when no --dsn or DATABASE_URL is given."""
 
@@ -140,11 +140,17 @@ def migrations_cmd(state: State, fmt: str) -> None:
     emit(rows, fmt)
 
 
-@cli.command("verify")
+@cli.command("verify", short_help="Check the database against the expected schema.")
 @pass_state
 def verify_cmd(state: State) -> None:
     """Check the database against the expected schema; exit status 1 on any drift."""
-    pending = [s.id for s in migrate.states(state.dsn) if not s.applied]
+    try:
+        pending = [s.id for s in migrate.states(state.dsn) if not s.applied]
+    except migrate.HistoryUnreadable:
+        # A read-only role (sessiontag_reader) may still compare the schema itself.
+        click.echo("note: cannot read the migration history (no SELECT on public._yoyo_migration);"
+                   " comparing the schema only", err=True)
+        pending = []
     if pending:
         click.echo("pending migrations: " + ", ".join(pending))
         raise SessiontagError(f"{len(pending)} migration(s) not applied: run 'sessiontag migrate', then verify")
@@ -193,8 +199,8 @@ def models() -> None:
 @click.argument("name")
 @click.option("--provider", help="Provider, e.g. openai.")
 @click.option("--key", "model_key", help="The provider's model id (default: NAME).")
-@click.option("--owner", "owner_id", help="Owner user id (default: shared by all users).")
-@click.option("--id", "model_uuid", help="Model UUID (default: random).")
+@click.option("--owner", "owner_id", type=click.UUID, help="Owner user id (default: shared by all users).")
+@click.option("--id", "model_uuid", type=click.UUID, help="Model UUID (default: random).")
 @format_option
 @pass_state
 def models_add(state: State, name, provider, model_key, owner_id, model_uuid, fmt) -> None:
@@ -216,7 +222,7 @@ def models_list(state: State, owner_id, fmt) -> None:
 
 def _tracking_command(tracked: bool):
     @click.argument("model")
-    @click.option("--owner", "owner_id", help="Owner, when MODEL is a key.")
+    @click.option("--owner", "owner_id", type=click.UUID, help="Owner, when MODEL is a key.")
     @pass_state
     def command(state: State, model: str, owner_id: str | None) -> None:
         with state.client() as client:
@@ -291,19 +297,58 @@ def page_hint(rows: list, limit: int) -> None:
     click.echo(f"more: sessiontag {shlex.join(args)} --cursor {rows[-1].cursor}", err=True)
 
 
+# The SQL argument behind each search option, to name the option in errors.
+OPTION_OF_ARGUMENT = {"search": "--search", "session_tag": "--tag", "trace_id": "--trace", "model_name": "--model",
+                      "operation_type": "--operation", "page_size": "--limit", "after": "--cursor"}
+
+
 def checked_page(fetch, since, until):
-    """Runs a list call, with errors in the terms of the command's options."""
+    """Runs a search call, with errors in the terms of the command's options."""
     if since and until and since > until:
         raise SessiontagError(f"--since ({views.local_time(since)}) is after --until ({views.local_time(until)})")
     try:
         return fetch()
     except DatabaseError as exc:
-        if str(exc).startswith("after is not a cursor"):
+        message = str(exc)
+        if message.startswith("after is not a cursor"):
             raise SessiontagError("--cursor: not a cursor printed by this command") from None
+        argument = message.split(" ", 1)[0]
+        if argument in OPTION_OF_ARGUMENT:
+            raise SessiontagError(f"{OPTION_OF_ARGUMENT[argument]}: {message.split(' ', 1)[1]}") from None
         raise
 
 
 TRACE_COLUMNS = ["when", "session", "trace", "span", "status", "ms"]
+
+
+def model_name_of(client: Client, model: str) -> str:
+    """The name spans carry for a model given by id or key; anything else is a name."""
+    try:
+        model_id = UUID(model)
+    except ValueError:
+        model_id = client.model_id(model)
+    return next((m.name for m in client.list_models() if m.id == model_id), model)
+
+
+def find_trace(client: Client, trace_id: str, user_id) -> tuple:
+    """(user_id, trace_id) of a trace given by id or by the start of its id (as `traces
+    list` shows it), for one user or the only user that has it."""
+    rows = client.list_traces(trace_id=trace_id, user_id=user_id, page_size=1000)
+    if not rows:
+        prefix = trace_id.rstrip("…").lower()
+        if prefix:
+            rows = [r for r in client.list_traces(search=prefix, user_id=user_id, page_size=1000)
+                    if r.trace_id.lower().startswith(prefix)]
+    ids = sorted({r.trace_id for r in rows})
+    if not ids:
+        raise SessiontagError(f"no trace {trace_id}" + (f" for user {user_id}" if user_id else ""))
+    if len(ids) > 1:
+        shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+        raise SessiontagError(f"{trace_id} starts {len(ids)} trace ids ({shown}); give more of it")
+    users = {r.user_id for r in rows}
+    if len(users) > 1:
+        raise SessiontagError(f"trace {ids[0]} exists for {len(users)} users; give --user")
+    return users.pop(), ids[0]
 
 
 @cli.group()
@@ -316,7 +361,7 @@ def traces() -> None:
 @click.option("--tag", "session_tag", help="Only this session tag.")
 @click.option("--conversation", "conversation_id", type=click.UUID, help="Only this conversation.")
 @click.option("--trace", "trace_id", help="Only the spans of this trace.")
-@click.option("--model", "model_name", help="Only spans of this model name.")
+@click.option("--model", "model_name", help="Only spans of this model (name, key or id).")
 @click.option("--status", type=click.Choice(["running", "success", "error", "cancelled"]))
 @click.option("--operation", "operation_type", help="Only this operation type (llm_call, chain, ...).")
 @click.option("--since", type=TIME, help="Started at or after (ISO time or age: 30m, 24h, 7d).")
@@ -330,6 +375,8 @@ def traces() -> None:
 def traces_list(state: State, fmt: str, page_size: int, **filters) -> None:
     """List spans, newest first."""
     with state.client() as client:
+        if filters["model_name"]:
+            filters["model_name"] = model_name_of(client, filters["model_name"])
         rows = checked_page(lambda: client.list_traces(page_size=page_size, **filters),
                             filters["since"], filters["until"])
     if fmt == "table":
@@ -351,16 +398,10 @@ def traces_list(state: State, fmt: str, page_size: int, **filters) -> None:
 @format_option
 @pass_state
 def traces_show(state: State, trace_id: str, user_id: str | None, fmt: str) -> None:
-    """Show every span of TRACE_ID as a tree."""
+    """Show every span of TRACE_ID (or of the one trace whose id starts so) as a tree."""
     with state.client() as client:
-        if user_id is None:
-            users = {r.user_id for r in client.list_traces(trace_id=trace_id, page_size=1000)}
-            if len(users) > 1:
-                raise SessiontagError(f"trace {trace_id} exists for {len(users)} users; give --user")
-            user_id = next(iter(users), None)
-        spans = client.get_trace(user_id, trace_id) if user_id else []
-        if not spans:
-            raise SessiontagError(f"no trace {trace_id}" + (f" for user {user_id}" if user_id else ""))
+        user_id, trace_id = find_trace(client, trace_id, user_id)
+        spans = client.get_trace(user_id, trace_id)
         tags = {s.session_tag for s in spans if s.session_tag}
         badge = client.session_badge(next(iter(tags)), spans[0].user_id) if len(tags) == 1 else None
     if fmt != "table":
@@ -376,13 +417,12 @@ def traces_show(state: State, trace_id: str, user_id: str | None, fmt: str) -> N
         click.echo(line)
 
 
-SESSION_COLUMNS = ["session", "user", "model", "traces", "errors", "cost", "p50"]
+SESSION_COLUMNS = ["session", "badge", "user", "traces", "errors", "cost"]
 
 
 def _session_cells(s) -> dict:
-    return {"session": s.session_id, "user": str(s.user_id)[:8], "model": views.clip(s.model_name, 14),
-            "traces": s.trace_count, "errors": s.error_count, "cost": f"${s.cost_usd:.4f}",
-            "p50": views.ms(s.p50_ms)}
+    return {"session": s.session_id, "badge": views.clip_badge(s.badge, 22), "user": str(s.user_id)[:8],
+            "traces": s.trace_count, "errors": s.error_count, "cost": f"${s.cost_usd:.4f}"}
 
 
 @sessions.command("list")
@@ -450,7 +490,8 @@ def compare_cmd(state: State, user_id, models_, since, until, fmt) -> None:
     """Compare models session by session, side by side."""
     with state.client() as client:
         model_ids = [resolve_model(client, m) for m in models_] or None
-        rows = client.compare_models(user_id=user_id, model_ids=model_ids, since=since, until=until)
+        rows = checked_page(lambda: client.compare_models(user_id=user_id, model_ids=model_ids, since=since,
+                                                          until=until), since, until)
     if fmt != "table":
         emit(rows, fmt)
         return
@@ -494,6 +535,21 @@ def read_spans(text: str) -> tuple[list, list[str]]:
     return spans, where
 
 
+def _otlp_span_count(doc: dict) -> int:
+    """How many spans an OTLP request holds (ingest_otlp judges its shape)."""
+    def items(value) -> list:
+        return value if isinstance(value, list) else []
+
+    return sum(len(items(scope.get("spans"))) for resource in items(doc.get("resourceSpans"))
+               if isinstance(resource, dict) for scope in items(resource.get("scopeSpans")) if isinstance(scope, dict))
+
+
+def _stored_line(stored: int, total: int, kind: str = "") -> str:
+    skipped = total - stored
+    return f"stored {stored} of {total} spans{kind}" + (
+        f" ({skipped} skipped: already stored, or of conversations with tracking off)" if skipped > 0 else "")
+
+
 def _otlp_request(text: str) -> dict | None:
     """The document, when the text is an OTLP/JSON ExportTraceServiceRequest."""
     if not text.lstrip().startswith("{"):
@@ -505,7 +561,7 @@ def _otlp_request(text: str) -> dict | None:
     return doc if isinstance(doc, dict) and "resourceSpans" in doc else None
 
 
-@cli.command("ingest")
+@cli.command("ingest", short_help="Store spans from a JSON, JSON lines or OTLP file.")
 @click.argument("source", metavar="FILE|-", type=click.File("r", encoding="utf-8"))
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=1000, show_default=True,
               help="Spans per ingest_traces call.")
@@ -520,17 +576,21 @@ def ingest_cmd(state: State, source, batch_size: int, progress: bool | None, def
     end_time for a span still open; or an OTLP/JSON ExportTraceServiceRequest (an
     OpenTelemetry export). All or nothing: on bad input nothing is stored and the error
     names the line (or array index, or OTLP path) and the field."""
-    text = source.read()
+    try:
+        text = source.read()
+    except UnicodeDecodeError as exc:
+        raise SessiontagError(f"{source.name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise SessiontagError(f"{source.name}: no spans (it is empty)")
     otlp = _otlp_request(text)
     if otlp is not None:
-        total = sum(len(s.get("spans") or []) for r in otlp.get("resourceSpans") or [] if isinstance(r, dict)
-                    for s in r.get("scopeSpans") or [] if isinstance(s, dict))
         with state.client() as client:
             try:
                 stored = client.ingest_otlp(otlp, default_user_id)
             except DatabaseError as exc:
-                raise SessiontagError(f"{exc}; nothing was stored") from None
-        click.echo(f"stored {stored} of {total} spans (OTLP)")
+                message = str(exc).replace("default_user_id", "--default-user")
+                raise SessiontagError(f"{message}; nothing was stored") from None
+        click.echo(_stored_line(stored, _otlp_span_count(otlp), " (OTLP)"))
         return
     if default_user_id is not None:
         raise SessiontagError("--default-user applies to OTLP exports only; give each span its user_id")
@@ -551,13 +611,11 @@ def ingest_cmd(state: State, source, batch_size: int, progress: bool | None, def
                     separator = ": " if location.startswith("line") or match.group(2) == ": " else "."
                     raise SessiontagError(f"{location}{separator}{match.group(3)}; nothing was stored") from None
                 bar.update(len(batch))
-    skipped = len(spans) - stored
-    click.echo(f"stored {stored} of {len(spans)} spans" + (
-        f" ({skipped} skipped: already stored, or of conversations with tracking off)" if skipped else ""))
+    click.echo(_stored_line(stored, len(spans)))
 
 
 # -- demo ---------------------------------------------------------------------------
-@cli.command("demo")
+@cli.command("demo", short_help="Load a realistic demo workload.")
 @click.option("--seed", type=int, help="Random seed, for a repeatable workload.")
 @click.option("--users", type=click.IntRange(1, 1000), default=5, show_default=True)
 @pass_state
@@ -567,10 +625,11 @@ def demo_cmd(state: State, seed: int | None, users: int) -> None:
 
     with state.client() as client:
         result = demo.run(client, seed, users)
-        tag = client.list_sessions(page_size=1)[0].session_id
+        newest = client.list_sessions(page_size=1)[0]
     click.echo(f"loaded {result.sessions} sessions of {result.users} users with {result.traces} traces "
                f"({result.spans} spans) across {len(demo.MODELS)} models")
-    click.echo(f"next: sessiontag sessions list | sessiontag compare | sessiontag traces list --tag {tag}")
+    click.echo("next:  sessiontag sessions list\n       sessiontag compare\n"
+               f"       sessiontag traces list --tag {newest.session_id} --user {newest.user_id}")
 
 
 # -- entry point --------------------------------------------------------------------
@@ -579,10 +638,17 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+# click >= 8.2 raises this for a group called without a command; older ones print the help.
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = bool(os.environ.get("SESSIONTAG_DEBUG"))
     try:
         result = cli.main(args=argv, prog_name="sessiontag", standalone_mode=False)
+    except _NO_ARGS as exc:
+        click.echo(exc.ctx.get_help(), err=True)
+        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("", err=True)  # end the unanswered prompt's line
         _fail("aborted")

@@ -4,20 +4,22 @@ embedded local server (started on demand)."""
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import psycopg
 
 from .errors import SessiontagError
 
 
-def resolve_dsn(dsn: str | None = None) -> str:
+def resolve_dsn(dsn: str | None = None, notice: Callable[[str], None] | None = None) -> str:
+    """The DSN to use; ``notice`` hears when the local server had to be started."""
     if dsn:
         return dsn
     if os.environ.get("DATABASE_URL"):
         return os.environ["DATABASE_URL"]
     from .embedded import LocalServer
 
-    return LocalServer().ensure_running()
+    return LocalServer().ensure_running(notice)
 
 
 def describe(dsn: str) -> str:

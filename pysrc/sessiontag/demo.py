@@ -4,7 +4,9 @@ Several users chat with three models; every conversation has a few turns, and ev
 is a trace: a root span, a retrieval step, the LLM call, and now and then a tool call
 with a nested LLM call. Models differ in latency, error rate and price, so `compare`
 has something to say. Most conversations are tagged at creation, the others by their
-first trace.
+first trace. The turns span the past week; when the connection may (as the schema owner
+on the local server does), each conversation is dated back to its first turn, so that
+filters by time agree on sessions and traces.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
+import psycopg
+
 from .client import Client
+from .resources import query
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ def run(client: Client, seed: int | None = None, users: int = 5) -> DemoResult:
     model_ids = [client.register_model(m.name, m.provider, m.key) for m in MODELS]
     now = datetime.now(timezone.utc)
     sessions = traces = spans = 0
+    conversation_ids = []
     for _ in range(users):
         user_id = uuid.UUID(int=rng.getrandbits(128), version=4)
         for _ in range(rng.randint(4, 8)):
@@ -120,4 +126,10 @@ def run(client: Client, seed: int | None = None, users: int = 5) -> DemoResult:
                 traces += 1
             spans += client.ingest(batch)
             sessions += 1
+            conversation_ids.append(conversation.id)
+    try:
+        with client.conn.transaction():
+            client.conn.execute(query("demo_backdate"), {"conversation_ids": conversation_ids})
+    except psycopg.errors.InsufficientPrivilege:
+        pass  # an application role: the conversations keep today's date
     return DemoResult(users=users, sessions=sessions, traces=traces, spans=spans)

@@ -142,8 +142,13 @@ class LocalServer:
     @contextmanager
     def _locked(self):
         """One CLI process at a time initializes or starts the cluster."""
-        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.home / ".lock", "w") as handle:
+        try:
+            self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            handle = open(self.home / ".lock", "w")
+        except OSError as exc:
+            raise SessiontagError(f"cannot use {self.home} for the local server (SESSIONTAG_HOME): "
+                                  f"{exc.strerror or exc}") from None
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -210,8 +215,10 @@ class LocalServer:
                       "stopping the local server")
             return True
 
-    def ensure_running(self) -> str:
+    def ensure_running(self, notice: Callable[[str], None] | None = None) -> str:
+        """The server's DSN, starting it first if needed (then telling ``notice`` so)."""
         # Always through start(): it checks under the lock, so a command never connects to
         # a server that another command is still initializing or starting.
-        self.start()
+        if self.start() and notice is not None:
+            notice(f"started the local server (data in {self.data}; 'sessiontag db stop' stops it)")
         return self.dsn()

@@ -17,9 +17,13 @@ from yoyo import get_backend, read_migrations
 
 from .connection import connect
 from .errors import DatabaseError, SessiontagError
-from .resources import migrations_dir
+from .resources import migrations_dir, query
 
 LOCK_KEY = "sessiontag.migrate"
+
+
+class HistoryUnreadable(SessiontagError):
+    """The connection may not read yoyo's record of applied migrations."""
 
 
 @dataclass(frozen=True)
@@ -71,14 +75,20 @@ def _check_id(migrations, migration_id: str):
 
 
 def states(dsn: str) -> list[MigrationState]:
-    """Every migration with whether and when it was applied, oldest first."""
+    """Every migration with whether and when it was applied, oldest first. Only reads:
+    no lock, so a role that may not migrate (sessiontag_reader) can list and verify."""
     migrations = _all_migrations()
-    with _locked_backend(dsn) as backend:
-        applied = set(backend.get_applied_migration_hashes())
-        when = {
-            row[0]: row[1].replace(tzinfo=timezone.utc)  # yoyo stores naive UTC
-            for row in backend.execute(f"SELECT migration_id, applied_at_utc FROM {backend.migration_table_quoted}").fetchall()
-        }
+    with connect(dsn, autocommit=True) as conn:
+        try:
+            rows = conn.execute(query("applied_migrations")).fetchall()
+        except psycopg.errors.UndefinedTable:
+            rows = []  # yoyo never ran here: nothing is applied
+        except psycopg.errors.InsufficientPrivilege:
+            raise HistoryUnreadable("cannot read which migrations are applied: permission denied for table "
+                                    "public._yoyo_migration; grant SELECT on it, or connect as the role that "
+                                    "migrates") from None
+    applied = {row[0] for row in rows}
+    when = {row[1]: row[2].replace(tzinfo=timezone.utc) for row in rows}  # yoyo stores naive UTC
     return [MigrationState(m.id, m.hash in applied, when.get(m.id)) for m in migrations]
 
 

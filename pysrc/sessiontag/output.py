@@ -33,6 +33,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _csv_cell(value: Any) -> Any:
+    """A value as CSV shows it: JSON for objects and arrays, blank for NULL."""
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return _plain(value)
+
+
 def _cell(value: Any) -> str:
     """A value as a table shows it: local time, no microseconds, blank for NULL."""
     if value is None:
@@ -55,7 +64,7 @@ def render(rows: Iterable[Any], fmt: str, columns: list[str] | None = None) -> s
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(columns)
         for d in dicts:
-            writer.writerow(["" if d.get(c) is None else _plain(d.get(c)) for c in columns])
+            writer.writerow([_csv_cell(d.get(c)) for c in columns])
         return buffer.getvalue().rstrip("\n")
     if not dicts:
         return "(no rows)"

@@ -36,6 +36,15 @@ def clip(text: str | None, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
+def clip_badge(badge: str | None, width: int) -> str:
+    """A badge cut to width in its model name, never in its number: '[Claude 3.5 Son… #003]'."""
+    badge = badge or ""
+    if len(badge) <= width or " #" not in badge:
+        return clip(badge, width)
+    name, number = badge[1:-1].rsplit(" #", 1)
+    return f"[{clip(name, max(width - len(number) - 4, 2))} #{number}]"
+
+
 def _has_next_sibling(spans: list[dict], index: int) -> bool:
     """Does another span at this span's depth follow before the tree climbs above it?"""
     depth = spans[index]["depth"]
