@@ -441,7 +441,7 @@ def test_reader_runs_the_cli_read_commands_and_verify(env, seed):
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert verify.stdout.startswith("ok") and "comparing the schema only" in verify.stderr
     error = _one_line_error(sessiontag_cli("--dsn", dsn, "migrations"))
-    assert "permission denied for table public._yoyo_migration" in error
+    assert "(public._yoyo_migration): permission denied for table _yoyo_migration" in error
 
 
 def test_reader_reads_everything_and_writes_nothing(env, admin, seed):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import uuid
 
 import pytest
 
@@ -198,3 +199,24 @@ def test_traces_list_model_takes_a_name_key_or_id(demo_dsn):
     for given in ("GPT-4o", "gpt-4o", str(model.id)):
         by[given] = [r["id"] for r in cli_json(demo_dsn, "traces", "list", "--model", given, "--limit", "1000")]
     assert by["GPT-4o"] and by["GPT-4o"] == by["gpt-4o"] == by[str(model.id)]
+
+
+def test_traces_list_model_prefers_the_name_spans_carry(demo_dsn):
+    """Spans keep the model_name their caller gave (here the key): that name matches first."""
+    with Client.connect(demo_dsn) as client:
+        model = next(m for m in client.list_models() if m.model_key == "gpt-4o")
+        client.record_trace(uuid.uuid4(), "keyed-trace", "s1", "chat", model_id=model.id, model_name="gpt-4o")
+    rows = cli_json(demo_dsn, "traces", "list", "--model", "gpt-4o", "--limit", "1000")
+    assert [r["trace_id"] for r in rows] == ["keyed-trace"]
+
+
+def test_traces_show_refuses_a_prefix_too_common_to_resolve(dsn):
+    user = uuid.uuid4()
+    spans = [{"user_id": str(user), "trace_id": f"abcdef0{i:04d}", "span_id": "s", "span_name": "chat"}
+             for i in range(1001)]
+    with Client.connect(dsn) as client:
+        assert client.ingest(spans) == 1001
+    error = _one_line_error(sessiontag_cli("--dsn", dsn, "traces", "show", "abcdef0"))
+    assert "too many spans mention 'abcdef0'" in error
+    shown = sessiontag_cli("--dsn", dsn, "traces", "show", "abcdef00007")
+    assert shown.returncode == 0 and shown.stdout.startswith("trace abcdef00007\n"), shown.stderr

@@ -321,13 +321,13 @@ def checked_page(fetch, since, until):
 TRACE_COLUMNS = ["when", "session", "trace", "span", "status", "ms"]
 
 
-def model_name_of(client: Client, model: str) -> str:
-    """The name spans carry for a model given by id or key; anything else is a name."""
+def model_name_of(client: Client, model: str) -> str | None:
+    """The display name of the registered model with this id or key, if any."""
     try:
         model_id = UUID(model)
     except ValueError:
         model_id = client.model_id(model)
-    return next((m.name for m in client.list_models() if m.id == model_id), model)
+    return next((m.name for m in client.list_models() if m.id == model_id), None)
 
 
 def find_trace(client: Client, trace_id: str, user_id) -> tuple:
@@ -337,8 +337,11 @@ def find_trace(client: Client, trace_id: str, user_id) -> tuple:
     if not rows:
         prefix = trace_id.rstrip("…").lower()
         if prefix:
-            rows = [r for r in client.list_traces(search=prefix, user_id=user_id, page_size=1000)
-                    if r.trace_id.lower().startswith(prefix)]
+            found = client.list_traces(search=prefix, user_id=user_id, page_size=1000)
+            if len(found) == 1000:  # more spans match than one page: the newest could mislead
+                raise SessiontagError(f"too many spans mention {prefix!r} to tell which trace it starts;"
+                                      " give more of the trace id")
+            rows = [r for r in found if r.trace_id.lower().startswith(prefix)]
     ids = sorted({r.trace_id for r in rows})
     if not ids:
         raise SessiontagError(f"no trace {trace_id}" + (f" for user {user_id}" if user_id else ""))
@@ -361,7 +364,8 @@ def traces() -> None:
 @click.option("--tag", "session_tag", help="Only this session tag.")
 @click.option("--conversation", "conversation_id", type=click.UUID, help="Only this conversation.")
 @click.option("--trace", "trace_id", help="Only the spans of this trace.")
-@click.option("--model", "model_name", help="Only spans of this model (name, key or id).")
+@click.option("--model", "model_name", help="Only spans of this model: the name spans carry, else a"
+              " registered model's key or id.")
 @click.option("--status", type=click.Choice(["running", "success", "error", "cancelled"]))
 @click.option("--operation", "operation_type", help="Only this operation type (llm_call, chain, ...).")
 @click.option("--since", type=TIME, help="Started at or after (ISO time or age: 30m, 24h, 7d).")
@@ -375,10 +379,15 @@ def traces() -> None:
 def traces_list(state: State, fmt: str, page_size: int, **filters) -> None:
     """List spans, newest first."""
     with state.client() as client:
-        if filters["model_name"]:
-            filters["model_name"] = model_name_of(client, filters["model_name"])
         rows = checked_page(lambda: client.list_traces(page_size=page_size, **filters),
                             filters["since"], filters["until"])
+        if not rows and filters["model_name"] and not filters["after"]:
+            # No span carries that name: it may be a registered model's key or id.
+            name = model_name_of(client, filters["model_name"])
+            if name is not None and name != filters["model_name"]:
+                filters["model_name"] = name
+                rows = checked_page(lambda: client.list_traces(page_size=page_size, **filters),
+                                    filters["since"], filters["until"])
     if fmt == "table":
         emit([{"when": views.local_time(r.start_time, with_date="short"), "session": r.session_tag or "-",
                "trace": views.clip(r.trace_id, 8), "span": views.clip(r.span_name, 14),

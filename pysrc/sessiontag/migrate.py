@@ -83,10 +83,10 @@ def states(dsn: str) -> list[MigrationState]:
             rows = conn.execute(query("applied_migrations")).fetchall()
         except psycopg.errors.UndefinedTable:
             rows = []  # yoyo never ran here: nothing is applied
-        except psycopg.errors.InsufficientPrivilege:
-            raise HistoryUnreadable("cannot read which migrations are applied: permission denied for table "
-                                    "public._yoyo_migration; grant SELECT on it, or connect as the role that "
-                                    "migrates") from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise HistoryUnreadable(f"cannot read which migrations are applied (public._yoyo_migration): "
+                                    f"{exc.diag.message_primary}; grant SELECT on it, or connect as the role "
+                                    "that migrates") from None
     applied = {row[0] for row in rows}
     when = {row[1]: row[2].replace(tzinfo=timezone.utc) for row in rows}  # yoyo stores naive UTC
     return [MigrationState(m.id, m.hash in applied, when.get(m.id)) for m in migrations]
