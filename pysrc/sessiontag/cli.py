@@ -146,10 +146,9 @@ def verify_cmd(state: State) -> None:
     """Check the database against the expected schema; exit status 1 on any drift."""
     try:
         pending = [s.id for s in migrate.states(state.dsn) if not s.applied]
-    except migrate.HistoryUnreadable:
+    except migrate.HistoryUnreadable as exc:
         # A read-only role (sessiontag_reader) may still compare the schema itself.
-        click.echo("note: cannot read the migration history (no SELECT on public._yoyo_migration);"
-                   " comparing the schema only", err=True)
+        click.echo(f"note: {exc}; comparing the schema only", err=True)
         pending = []
     if pending:
         click.echo("pending migrations: " + ", ".join(pending))
@@ -379,15 +378,17 @@ def traces() -> None:
 def traces_list(state: State, fmt: str, page_size: int, **filters) -> None:
     """List spans, newest first."""
     with state.client() as client:
-        rows = checked_page(lambda: client.list_traces(page_size=page_size, **filters),
-                            filters["since"], filters["until"])
+        def fetch():
+            return checked_page(lambda: client.list_traces(page_size=page_size, **filters),
+                                filters["since"], filters["until"])
+
+        rows = fetch()
         if not rows and filters["model_name"] and not filters["after"]:
             # No span carries that name: it may be a registered model's key or id.
             name = model_name_of(client, filters["model_name"])
             if name is not None and name != filters["model_name"]:
                 filters["model_name"] = name
-                rows = checked_page(lambda: client.list_traces(page_size=page_size, **filters),
-                                    filters["since"], filters["until"])
+                rows = fetch()
     if fmt == "table":
         emit([{"when": views.local_time(r.start_time, with_date="short"), "session": r.session_tag or "-",
                "trace": views.clip(r.trace_id, 8), "span": views.clip(r.span_name, 14),

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from .errors import SessiontagError
 
