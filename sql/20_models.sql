@@ -83,6 +83,9 @@ BEGIN
     IF btrim(key) = '' OR length(key) > 200 THEN
         RAISE EXCEPTION 'model_key must be 1 to 200 characters' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF register_model.provider = '' THEN
+        RAISE EXCEPTION 'provider must not be empty (NULL when unknown)' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF length(register_model.provider) > 200 THEN
         RAISE EXCEPTION 'provider is longer than 200 characters' USING ERRCODE = 'string_data_right_truncation';
     END IF;

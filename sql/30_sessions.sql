@@ -181,6 +181,12 @@ BEGIN
     IF NEW.user_id IS NULL THEN
         RAISE EXCEPTION 'user_id must not be NULL' USING ERRCODE = 'not_null_violation';
     END IF;
+    IF TG_OP = 'INSERT' THEN
+        -- Wait for any other transaction creating a conversation of this user (see
+        -- _creation_locks): from here on, its row is committed and seen, or rolled back.
+        INSERT INTO sessiontag._creation_locks (user_id) VALUES (NEW.user_id)
+        ON CONFLICT ON CONSTRAINT _creation_locks_pkey DO UPDATE SET user_id = excluded.user_id WHERE false;
+    END IF;
     IF NEW.llm_model_id IS NOT NULL THEN
         SELECT * INTO m FROM sessiontag.llm_models
         WHERE id = NEW.llm_model_id AND (owner_id IS NULL OR owner_id = NEW.user_id);
@@ -195,21 +201,14 @@ BEGIN
             RAISE EXCEPTION 'session_counter is assigned by sessiontag and cannot be given'
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
-        IF TG_OP = 'INSERT' AND m.tracked THEN
+        -- A row whose key is taken is never stored: an INSERT ... ON CONFLICT skips it
+        -- or updates the existing row, and a plain INSERT fails. It takes no number, or
+        -- the counter would have a gap.
+        IF TG_OP = 'INSERT' AND m.tracked
+           AND NOT EXISTS (SELECT FROM sessiontag.conversations c WHERE c.user_id = NEW.user_id AND c.id = NEW.id)
+           AND NOT EXISTS (SELECT FROM sessiontag.conversations c
+                           WHERE c.user_id = NEW.user_id AND c.external_id = NEW.external_id) THEN
             NEW.session_counter := sessiontag._take_counter(NEW.user_id, m.id);
-            -- A row whose key is taken is never stored: an INSERT ... ON CONFLICT skips it
-            -- or updates the existing row, and a plain INSERT fails. Give the number back,
-            -- or the counter would have a gap. Checked after the counter's row lock, so a
-            -- concurrent creator of the same conversation (same model) has committed by
-            -- then and its row is seen.
-            IF EXISTS (SELECT FROM sessiontag.conversations c WHERE c.user_id = NEW.user_id AND c.id = NEW.id)
-               OR EXISTS (SELECT FROM sessiontag.conversations c
-                          WHERE c.user_id = NEW.user_id AND c.external_id = NEW.external_id) THEN
-                UPDATE sessiontag.session_counters c SET last_value = c.last_value - 1
-                WHERE c.user_id = NEW.user_id AND c.model_id = m.id;
-                NEW.session_counter := NULL;
-                RETURN NEW;
-            END IF;
             NEW.session_id := sessiontag._format_tag(m.short_id, NEW.session_counter);
             NEW.experiment_name := m.name;
         END IF;
@@ -288,7 +287,9 @@ BEGIN
     END IF;
     -- Friendly errors for the common mistakes; the constraints remain the guard.
     IF create_conversation.model_id IS NOT NULL
-       AND NOT EXISTS (SELECT FROM sessiontag.llm_models m WHERE m.id = create_conversation.model_id) THEN
+       AND NOT EXISTS (SELECT FROM sessiontag.llm_models m
+                       WHERE m.id = create_conversation.model_id
+                         AND (m.owner_id IS NULL OR m.owner_id = create_conversation.user_id)) THEN
         RAISE EXCEPTION 'model_id % is not a registered model', create_conversation.model_id
             USING ERRCODE = 'foreign_key_violation';
     END IF;

@@ -51,6 +51,18 @@ AS $$
                  'error_message', 'end_time', 'message_id']
 $$;
 
+-- The span fields that hold text: in ingest_traces, a JSON string (or null) only; a
+-- number, boolean, array or object there is a caller's bug, not text to keep.
+CREATE FUNCTION sessiontag._span_text_fields()
+RETURNS text[]
+LANGUAGE sql
+IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ARRAY['trace_id', 'span_id', 'span_name', 'operation_type', 'parent_span_id', 'model_name',
+                 'model_provider', 'session_tag', 'status', 'error_message', 'message_id']
+$$;
+
 -- An OpenTelemetry-style id: 1 to 128 characters, no whitespace or control characters
 -- (a trailing newline or a blank id is a caller's bug, not an id). NULL when fine.
 CREATE FUNCTION sessiontag._id_problem(field text, value text, required boolean)
@@ -187,6 +199,9 @@ BEGIN
     IF _end_problem.output_tokens < 0 THEN
         RETURN ROW('output_tokens', format('must not be negative, got %s', _end_problem.output_tokens),
                    '22023')::sessiontag._problem;
+    END IF;
+    IF _end_problem.cost_usd = 'NaN' THEN
+        RETURN ROW('cost_usd', 'must be a number, got NaN', '22023')::sessiontag._problem;
     END IF;
     IF _end_problem.cost_usd < 0 THEN
         RETURN ROW('cost_usd', format('must not be negative, got %s', _end_problem.cost_usd),
@@ -594,6 +609,19 @@ BEGIN
     -- reordered). Mirrors _element_problem where no constraint of llm_traces does.
     WHERE CASE
         WHEN e.elem - sessiontag._span_fields() <> '{}'::jsonb
+          OR jsonb_typeof(e.elem -> 'trace_id') NOT IN ('string', 'null')
+          OR jsonb_typeof(e.elem -> 'span_id') NOT IN ('string', 'null')
+          OR jsonb_typeof(e.elem -> 'parent_span_id') NOT IN ('string', 'null')
+          OR jsonb_typeof(e.elem -> 'span_name') NOT IN ('string', 'null')
+          OR jsonb_typeof(e.elem -> 'operation_type') NOT IN ('string', 'null')
+          OR jsonb_typeof(e.elem -> 'model_name') NOT IN ('string', 'null')
+          OR jsonb_typeof(e.elem -> 'model_provider') NOT IN ('string', 'null')
+          OR jsonb_typeof(e.elem -> 'session_tag') NOT IN ('string', 'null')
+          OR jsonb_typeof(e.elem -> 'status') NOT IN ('string', 'null')
+          OR jsonb_typeof(e.elem -> 'error_message') NOT IN ('string', 'null')
+          OR jsonb_typeof(e.elem -> 'message_id') NOT IN ('string', 'null')
+          OR e.elem ->> 'start_time' !~ '^[0-9]' OR e.elem ->> 'end_time' !~ '^[0-9]'
+          OR s.cost_usd = 'NaN'
           OR s.trace_id ~ '[[:space:][:cntrl:]]' OR s.span_id ~ '[[:space:][:cntrl:]]'
           OR s.parent_span_id ~ '[[:space:][:cntrl:]]' OR s.parent_span_id = s.span_id
           OR s.model_name = '' OR s.model_provider = '' OR s.message_id = ''
@@ -711,6 +739,19 @@ BEGIN
                                  ELSE 'is not a span field (the fields are record_trace''s parameters)' END,
                    '22023')::sessiontag._problem;
     END IF;
+    SELECT k INTO field FROM unnest(sessiontag._span_text_fields()) WITH ORDINALITY AS f(k, n)
+    WHERE jsonb_typeof(_element_problem.elem -> f.k) NOT IN ('string', 'null') ORDER BY f.n LIMIT 1;
+    IF field IS NOT NULL THEN
+        RETURN ROW(field, format('must be a JSON string, got %s %s', jsonb_typeof(_element_problem.elem -> field),
+                                 _element_problem.elem -> field), '22023')::sessiontag._problem;
+    END IF;
+    -- Only a date: PostgreSQL's words ('now', 'yesterday', 'epoch', ...) are no span's time.
+    FOREACH field IN ARRAY ARRAY['start_time', 'end_time'] LOOP
+        IF _element_problem.elem ->> field !~ '^[0-9]' THEN
+            RETURN ROW(field, format('must be an ISO 8601 time, got %s', _element_problem.elem -> field),
+                       '22007')::sessiontag._problem;
+        END IF;
+    END LOOP;
     BEGIN
         SELECT * INTO s FROM jsonb_to_record(_element_problem.elem) AS x(
             user_id uuid, trace_id text, span_id text, span_name text, operation_type text, conversation_id uuid,
@@ -990,6 +1031,15 @@ BEGIN
     WHERE jsonb_typeof(e.f -> 'span') <> 'object' ORDER BY e.n LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION '%: must be a span object', bad.path USING ERRCODE = 'invalid_parameter_value', COLUMN = 'payload';
+    END IF;
+    SELECT format('%s.%s', e.f ->> 'path', t.k) AS path, e.f -> 'span' -> t.k AS value INTO bad
+    FROM jsonb_array_elements(flat) WITH ORDINALITY AS e(f, n)
+    CROSS JOIN unnest(ARRAY['startTimeUnixNano', 'endTimeUnixNano']) WITH ORDINALITY AS t(k, i)
+    WHERE e.f -> 'span' ->> t.k !~ '^[0-9]{0,19}$'
+    ORDER BY e.n, t.i LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION '%: must be nanoseconds since the epoch, got %', bad.path, bad.value
+            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'payload';
     END IF;
     SELECT e.f ->> 'path' AS path, e.f -> 'attrs' ->> 'user.id' AS value INTO bad
     FROM jsonb_array_elements(flat) WITH ORDINALITY AS e(f, n)

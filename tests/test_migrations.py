@@ -169,12 +169,16 @@ def test_verify_catches_dropped_index_and_altered_function(dsn):
                         LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
                         AS $$ SELECT counter::text $$""")
         conn.execute("ALTER TABLE sessiontag.conversations ADD COLUMN extra int")
+        conn.execute("ALTER TABLE sessiontag.conversations DISABLE TRIGGER _100_tag")
+        conn.execute("ALTER TABLE sessiontag.conversations ENABLE REPLICA TRIGGER _200_trace_tags")
     result = sessiontag_cli("--dsn", dsn, "verify")
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert "missing index idx_llm_traces_session_tag" in lines
     assert any(line.startswith("changed function _pad_counter(counter bigint): ") and "body" in line for line in lines)
     assert "extra column conversations.extra" in lines
+    assert "changed trigger conversations._100_tag: enabled: 'yes' -> 'no'" in lines
+    assert "changed trigger conversations._200_trace_tags: enabled: 'yes' -> 'replica only'" in lines
 
 
 def _one_line_error(result: subprocess.CompletedProcess) -> str:

@@ -113,6 +113,12 @@ def test_the_conversation_existing_under_its_external_id_is_used(conn, model):
      "payload.resourceSpans[0].scopeSpans[0].spans[1].span_id: must not be empty"),
     (lambda p: p["resourceSpans"][0]["scopeSpans"][0]["spans"][1]["attributes"].append(
         attr("gen_ai.usage.input_tokens", -5)), "22023", "payload.resourceSpans[0].scopeSpans[0].spans[1].input_tokens"),
+    (lambda p: p["resourceSpans"][0]["scopeSpans"][0]["spans"][1].update(startTimeUnixNano="abc"), "22023",
+     'payload.resourceSpans[0].scopeSpans[0].spans[1].startTimeUnixNano: must be nanoseconds since the epoch,'
+     ' got "abc"'),
+    (lambda p: p["resourceSpans"][0]["scopeSpans"][0]["spans"][0].update(endTimeUnixNano=10 ** 23), "22023",
+     "payload.resourceSpans[0].scopeSpans[0].spans[0].endTimeUnixNano: must be nanoseconds since the epoch,"
+     " got 100000000000000000000000"),
 ])
 def test_bad_requests_name_the_place_and_store_nothing(conn, model, mutate, sqlstate, message):
     user = str(uuid.uuid4())

@@ -99,6 +99,8 @@ def test_concurrent_registrations_sharing_a_prefix_get_distinct_short_ids(dsn):
 def test_model_errors_name_the_argument(conn):
     assert sqlstate_of(conn, "SELECT sessiontag.register_model(name => '')") == ("22023", "name must not be empty")
     assert sqlstate_of(conn, "SELECT sessiontag.register_model(name => NULL)") == ("22004", "name must not be NULL")
+    assert sqlstate_of(conn, "SELECT sessiontag.register_model(name => 'ok', provider => '')") == (
+        "22023", "provider must not be empty (NULL when unknown)")
     assert sqlstate_of(conn, "SELECT sessiontag.set_model_tracking(NULL, true)") == (
         "22004", "model_id must not be NULL")
     state, message = sqlstate_of(conn, "SELECT sessiontag.register_model(name => repeat('x', 201))")
@@ -313,13 +315,52 @@ def test_concurrent_creators_of_one_conversation_take_one_number(dsn):
     assert tag == f"chat_model_{model.hex[:6]}_003"
 
 
+def test_concurrent_creators_with_different_models_lose_no_number(dsn):
+    """16 connections insert the same new conversation at once, naming different models or
+    none (ON CONFLICT DO NOTHING, as ingest_otlp does): the losers see the winner's row
+    once it commits and take no number, so every counter stays gapless."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        models, user = [None, register(conn, "GPT-4o"), register(conn, "Claude")], uuid.uuid4()
+    for column, value in [("id", uuid.uuid4()), ("external_id", "app-conversation-8")]:
+        barrier = threading.Barrier(16)
+        errors = []
+
+        def worker(model):
+            try:
+                with psycopg.connect(dsn) as c:
+                    barrier.wait()
+                    c.execute(f"INSERT INTO sessiontag.conversations (user_id, {column}, llm_model_id)"
+                              " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", [user, value, model])
+                    time.sleep(0.05)  # hold the row uncommitted a moment: the others must wait for it
+                    c.commit()
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(models[i % 3],)) for i in range(16)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert errors == []
+    with psycopg.connect(dsn) as c:
+        assert c.execute("SELECT count(*) FROM sessiontag.conversations").fetchone()[0] == 2
+        numbered = c.execute("SELECT llm_model_id, array_agg(session_counter ORDER BY session_counter)"
+                             " FROM sessiontag.conversations WHERE session_counter IS NOT NULL"
+                             " GROUP BY llm_model_id").fetchall()
+        counters = dict(c.execute("SELECT model_id, last_value FROM sessiontag.session_counters").fetchall())
+        assert {m: n[-1] for m, n in numbered} == {m: v for m, v in counters.items() if v}
+        assert all(n == list(range(1, len(n) + 1)) for _, n in numbered), numbered
+        for model in models[1:]:
+            tag = c.execute("SELECT session_id FROM sessiontag.create_conversation(%s, %s)",
+                            [user, model]).fetchone()[0]
+            assert tag == f"chat_model_{model.hex[:6]}_{counters.get(model, 0) + 1:03d}"
+
+
 def test_another_users_private_model_is_unknown_to_a_conversation_whoever_calls(conn):
     alice, bob = uuid.uuid4(), uuid.uuid4()
     private = register(conn, "Alice's fine-tune", "ft-alice", owner=alice)
     assert conn.execute("SELECT sessiontag.generate_session_tag(%s, %s)", [bob, private]).fetchone()[0] is None
     assert list(conn.execute("SELECT * FROM sessiontag.generate_session_tags(%s, %s, 3)", [bob, private])) == []
     state, message = sqlstate_of(conn, "SELECT sessiontag.create_conversation(%s, %s)", [bob, private])
-    assert state == "23503" and "model_id" in message
+    assert state == "23503" and message.startswith("model_id "), message
     conv = conn.execute("SELECT id FROM sessiontag.create_conversation(%s)", [bob]).fetchone()[0]
     state, message = sqlstate_of(conn, "SELECT sessiontag.ensure_session_tag(%s, %s)", [conv, private])
     assert state == "P0002" and "model_id" in message

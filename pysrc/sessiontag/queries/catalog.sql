@@ -101,7 +101,11 @@ SELECT jsonb_build_object(
         WHERE n.nspname = 'sessiontag'
     ), '{}'),
     'triggers', coalesce((
-        SELECT jsonb_object_agg(r.relname || '.' || t.tgname, pg_get_triggerdef(t.oid))
+        -- A disabled trigger (ALTER TABLE ... DISABLE TRIGGER) keeps its definition: say when it fires.
+        SELECT jsonb_object_agg(r.relname || '.' || t.tgname, jsonb_build_object(
+            'definition', pg_get_triggerdef(t.oid),
+            'enabled', CASE t.tgenabled WHEN 'O' THEN 'yes' WHEN 'D' THEN 'no' WHEN 'R' THEN 'replica only'
+                                        WHEN 'A' THEN 'always' END))
         FROM pg_trigger t JOIN rels r ON r.oid = t.tgrelid
         WHERE NOT t.tgisinternal
     ), '{}'),
