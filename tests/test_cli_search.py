@@ -6,11 +6,16 @@ import csv
 import io
 import json
 import os
+import shlex
+import subprocess
 import uuid
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 
 import pytest
 
 from sessiontag import Client
+from sessiontag.output import render
 from tests.test_migrations import _one_line_error, sessiontag_cli
 
 
@@ -121,7 +126,11 @@ def test_sessions_list_show_and_compare(demo_dsn):
     (["traces", "list", "--since", "99999999d"], "reaches before year 1"),
     (["traces", "show", "no-such-trace"], "no trace no-such-trace"),
     (["sessions", "show", "no-such-tag"], "no session no-such-tag"),
-    (["sessions", "list", "--model", "no-such-model"], "no model with id or key"),
+    (["sessions", "list", "--model", "no-such-model"], "no model with name, key or id 'no-such-model'"),
+    (["traces", "list", "--model", "no-such-model"], "no model with name, key or id 'no-such-model', and no span"),
+    (["compare", "--model", "no-such-model"], "no model with name, key or id 'no-such-model'"),
+    (["models", "untrack", "no-such-model"], "no model with name, key or id 'no-such-model'"),
+    (["sessions", "list", "--user", "c12de568"], "'c12de568' is not a valid UUID: give the whole user id"),
     (["traces", "list", "--user", "not-a-uuid"], "'--user': 'not-a-uuid' is not a valid UUID"),
     (["sessions", "tracking", "not-a-uuid", "off"], "is not a valid UUID"),
     (["traces", "list", "--limit", "0"], "--limit"),
@@ -139,8 +148,91 @@ def test_next_page_hint_repeats_the_filters(demo_dsn):
     tag = cli_json(demo_dsn, "sessions", "list", "--limit", "1")[0]["session_id"]
     first = sessiontag_cli("--dsn", demo_dsn, "traces", "list", "--tag", tag, "--limit", "2")
     hint = first.stderr.strip().splitlines()[-1]
-    assert hint.startswith(f"more: sessiontag traces list --tag {tag} --limit 2 --cursor "), hint
-    assert "--dsn" not in hint
+    assert hint.startswith(f"more: sessiontag --dsn {shlex.quote(demo_dsn)} traces list --tag {tag} --limit 2 "
+                           "--cursor "), hint
+    from_environment = sessiontag_cli("traces", "list", "--tag", tag, "--limit", "2", env={"DATABASE_URL": demo_dsn})
+    assert from_environment.stderr.startswith(f"more: sessiontag traces list --tag {tag} --limit 2 --cursor ")
+    with_password = f"{demo_dsn} password=not-printed"  # the test cluster trusts local connections
+    hint = sessiontag_cli("--dsn", with_password, "traces", "list", "--tag", tag, "--limit", "2").stderr
+    assert "not-printed" not in hint and follow(hint).returncode == 0, hint
+
+
+def follow(hint: str) -> subprocess.CompletedProcess:
+    """Runs the command a `more:` hint prints."""
+    words = shlex.split(hint.strip().splitlines()[-1])
+    assert words[:2] == ["more:", "sessiontag"], hint
+    return sessiontag_cli(*words[2:])
+
+
+def test_next_page_keeps_the_time_window_of_the_first(demo_dsn):
+    first = sessiontag_cli("--dsn", demo_dsn, "sessions", "list", "--since", "3d", "--limit", "2", "--format", "json")
+    assert "more:" in first.stderr, first.stderr
+    since = shlex.split(first.stderr)[shlex.split(first.stderr).index("--since") + 1]
+    assert abs(datetime.fromisoformat(since) - (datetime.now(timezone.utc) - timedelta(days=3))) < timedelta(minutes=1)
+    pages = json.loads(first.stdout)
+    while "more:" in first.stderr:
+        first = follow(first.stderr)
+        pages += json.loads(first.stdout)
+    assert [s["session_id"] for s in pages] == [s["session_id"] for s in cli_json(
+        demo_dsn, "sessions", "list", "--since", since, "--limit", "1000")]
+
+
+def test_model_is_a_name_key_or_id_everywhere(demo_dsn):
+    with Client.connect(demo_dsn) as client:
+        llama = next(m for m in client.list_models() if m.model_key == "llama-3.1-70b")
+    for given in ("Llama 3.1 70B", "llama-3.1-70b", str(llama.id)):
+        sessions = cli_json(demo_dsn, "sessions", "list", "--model", given, "--limit", "1000")
+        assert sessions and {s["model_name"] for s in sessions} == {"Llama 3.1 70B"}, given
+        compared = cli_json(demo_dsn, "compare", "--model", given)
+        assert [c["model_name"] for c in compared] == ["Llama 3.1 70B"], given
+    untracked = sessiontag_cli("--dsn", demo_dsn, "models", "untrack", "Llama 3.1 70B")
+    assert untracked.stdout.strip() == f"model {llama.id}: not tracked", untracked.stderr
+
+
+def test_next_page_of_a_model_given_by_key_matches_the_same_spans(demo_dsn):
+    first = sessiontag_cli("--dsn", demo_dsn, "traces", "list", "--model", "gpt-4o", "--limit", "3", "--format", "json")
+    assert "--model GPT-4o" in first.stderr, "the name the first page matched"
+    second = follow(first.stderr)
+    rows = json.loads(second.stdout)
+    assert rows and all(r["model_name"] == "GPT-4o" for r in rows), second.stderr
+
+
+def test_an_empty_page_in_csv_still_has_its_header(demo_dsn):
+    for args, first_column in ((["traces", "list"], "id"), (["sessions", "list"], "session_id"),
+                               (["compare"], "model_id")):
+        result = sessiontag_cli("--dsn", demo_dsn, *args, "--since", "2999-01-01", "--format", "csv")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[0].startswith(f"{first_column},"), (args, result.stdout)
+
+
+def test_json_and_csv_leave_out_the_noise_of_binary_floats():
+    rows = [{"p50_ms": 1510.7930000000001, "error_rate": 0.1 + 0.2, "cost_usd": Decimal("0.10000000")}]
+    assert json.loads(render(rows, "json")) == [{"p50_ms": 1510.793, "error_rate": 0.3, "cost_usd": "0.10000000"}]
+    assert render(rows, "csv").splitlines()[1] == "1510.793,0.3,0.10000000"
+
+
+def test_demo_suggests_a_session_it_loaded(dsn):
+    with Client.connect(dsn) as client:  # a newer session than any of the demo's, which date back
+        model = client.register_model("Other", model_key="other")
+        other = client.create_conversation(uuid.uuid4(), model)
+    loaded = sessiontag_cli("--dsn", dsn, "demo", "--seed", "5", "--users", "1")
+    words = loaded.stdout.split()
+    tag, user = words[words.index("--tag") + 1], words[words.index("--user") + 1]
+    assert user != str(other.user_id)
+    assert cli_json(dsn, "sessions", "show", tag, "--user", user)[0]["model_name"] != "Other"
+
+
+def test_adding_a_model_under_a_taken_key_says_it_changed_nothing(dsn):
+    first = sessiontag_cli("--dsn", dsn, "models", "add", "GPT-4o", "--key", "gpt-4o", "--provider", "openai")
+    assert first.returncode == 0 and first.stderr == ""
+    again = sessiontag_cli("--dsn", dsn, "models", "add", "GPT-5", "--key", "gpt-4o", "--provider", "other",
+                           "--format", "json")
+    assert again.returncode == 0
+    assert again.stderr.startswith("note: model key gpt-4o is already registered (as 'GPT-4o', provider openai")
+    assert again.stderr.strip().endswith("its name, provider and id were not changed")
+    assert [(m["name"], m["provider"]) for m in json.loads(again.stdout)] == [("GPT-4o", "openai")]
+    same = sessiontag_cli("--dsn", dsn, "models", "add", "GPT-4o", "--key", "gpt-4o")
+    assert same.returncode == 0 and same.stderr == ""
 
 
 def test_an_unmigrated_database_says_to_migrate(empty_dsn):

@@ -98,3 +98,23 @@ def test_local_server_works_for_a_normal_user(home):
     finally:
         run(home, "db", "stop", user=user)
         shutil.rmtree(home / "data", ignore_errors=True)  # keep the fixture from stopping it as root
+
+
+def test_a_home_too_long_for_the_unix_socket_is_a_clear_error(home):
+    long_home = home / ("x" * 100)
+    result = run(long_home, "db", "start")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"error: SESSIONTAG_HOME {long_home} is too long: the local server's Unix socket")
+    assert "the limit is 107" in result.stderr
+    assert not (long_home / "data").exists(), "refused before initializing anything"
+
+
+def test_a_server_that_fails_to_start_says_why_from_its_log(home):
+    assert run(home, "db", "start").returncode == 0
+    assert run(home, "db", "stop").returncode == 0
+    with open(home / "data" / "postgresql.auto.conf", "a") as conf:
+        conf.write("max_connections = 'many'\n")
+    result = run(home, "db", "start")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: starting the local server failed: configuration file ")
+    assert "contains errors" in result.stderr and "Examine the log output" not in result.stderr

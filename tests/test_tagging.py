@@ -557,7 +557,7 @@ def test_cli_models_and_tracking(dsn):
     listed = sessiontag_cli("--dsn", dsn, "models", "list", "--format", "csv").stdout.splitlines()
     assert listed[0].startswith("id,short_id,name") and listed[1].endswith(",False," + listed[1].split(",")[-1])
     assert sessiontag_cli("--dsn", dsn, "models", "track", model["id"]).returncode == 0
-    assert "no model with id or key 'nope'" in _one_line_error(sessiontag_cli("--dsn", dsn, "models", "track", "nope"))
+    assert "no model with name, key or id 'nope'" in _one_line_error(sessiontag_cli("--dsn", dsn, "models", "track", "nope"))
     with Client.connect(dsn) as client:
         conv = client.create_conversation(uuid.uuid4())
     off = sessiontag_cli("--dsn", dsn, "sessions", "tracking", str(conv.id), "off")

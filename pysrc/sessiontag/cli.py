@@ -13,17 +13,21 @@ import re
 import shlex
 import sys
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from uuid import UUID
 
 import click
 import psycopg
+from click.core import ParameterSource
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from . import catalog, migrate, views
 from .client import Client
 from .connection import connect, resolve_dsn
 from .embedded import LocalServer
 from .errors import DatabaseError, SessiontagError
-from .output import FORMATS, as_dict, render
+from .output import FORMATS, as_dict, columns_of, render
+from .types import Model, ModelComparison, SessionSummary, TraceRow
 
 
 class State:
@@ -37,11 +41,27 @@ class State:
             self._dsn = resolve_dsn(self._dsn_option, notice=lambda text: click.echo(text, err=True))
         return self._dsn
 
-    def client(self) -> Client:
-        return Client(connect(self.dsn, autocommit=True))
+    def client(self, autocommit: bool = True) -> Client:
+        return Client(connect(self.dsn, autocommit=autocommit))
 
 
 pass_state = click.make_pass_decorator(State)
+
+
+class UserIdParam(click.ParamType):
+    """A user id: the whole UUID (tables show only its first 8 characters)."""
+
+    name = "uuid"
+
+    def convert(self, value, param, ctx):
+        try:
+            return value if isinstance(value, UUID) else UUID(value.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a valid UUID: give the whole user id (tables show its first 8 "
+                      "characters, --format json all of it)", param, ctx)
+
+
+USER_ID = UserIdParam()
 
 
 def format_option(f):
@@ -107,7 +127,15 @@ def db_url() -> None:
 def migrate_cmd(state: State, to: str | None) -> None:
     """Apply pending migrations."""
     applied = migrate.apply(state.dsn, to=to)
-    click.echo("\n".join(f"applied {m}" for m in applied) if applied else "nothing to apply: up to date")
+    if applied:
+        click.echo("\n".join(f"applied {m}" for m in applied))
+        return
+    ids = [s.id for s in migrate.states(state.dsn) if s.applied]
+    if to is not None and ids and ids[-1] != to:
+        click.echo(f"nothing to apply: the database is already past {to} (up to {ids[-1]} is applied); "
+                   f"'sessiontag rollback --to {to}' goes back to it")
+    else:
+        click.echo("nothing to apply: up to date")
 
 
 @cli.command("rollback")
@@ -177,16 +205,31 @@ def emit_models(models, fmt: str) -> None:
            "tracked": m.tracked} for m in models], fmt)
 
 
-def resolve_model(client: Client, model: str, owner: str | None = None) -> UUID:
-    """A model given by id or by model_key."""
+def find_models(client: Client, model: str, owner: UUID | None = None) -> list[Model]:
+    """The registered models MODEL names: the one with that id, or with that model_key
+    (the owner's own, else a shared one), else every one with that display name."""
+    models = client.list_models(owner)
     try:
-        return UUID(model)
+        model_id = UUID(model)
     except ValueError:
-        pass
-    found = client.model_id(model, owner)
-    if found is None:
-        raise SessiontagError(f"no model with id or key {model!r}")
-    return found
+        model_id = client.model_id(model, owner)
+    if model_id is not None:
+        return [m for m in models if m.id == model_id]
+    return [m for m in models if m.name == model]
+
+
+def _no_model(model: str, also: str = "") -> str:
+    return f"no model with name, key or id {model!r}{also} ('sessiontag models list' shows the models)"
+
+
+def resolve_model(client: Client, model: str, owner: UUID | None = None) -> Model:
+    """The one registered model MODEL names (a name, model_key or id); an error otherwise."""
+    found = find_models(client, model, owner)
+    if not found:
+        raise SessiontagError(_no_model(model))
+    if len(found) > 1:
+        raise SessiontagError(f"{len(found)} models are named {model!r}; give its key or id")
+    return found[0]
 
 
 @cli.group()
@@ -198,7 +241,7 @@ def models() -> None:
 @click.argument("name")
 @click.option("--provider", help="Provider, e.g. openai.")
 @click.option("--key", "model_key", help="The provider's model id (default: NAME).")
-@click.option("--owner", "owner_id", type=click.UUID, help="Owner user id (default: shared by all users).")
+@click.option("--owner", "owner_id", type=USER_ID, help="Owner user id (default: shared by all users).")
 @click.option("--id", "model_uuid", type=click.UUID, help="Model UUID (default: random).")
 @format_option
 @pass_state
@@ -206,11 +249,15 @@ def models_add(state: State, name, provider, model_key, owner_id, model_uuid, fm
     """Register a model (again: returns the existing one)."""
     with state.client() as client:
         model_id = client.register_model(name, provider=provider, model_key=model_key, owner_id=owner_id, id=model_uuid)
-        emit_models([m for m in client.list_models() if m.id == model_id], fmt)
+        model = next(m for m in client.list_models() if m.id == model_id)
+    if model.name != name or provider not in (None, model.provider) or model_uuid not in (None, model.id):
+        click.echo(f"note: model key {model.model_key} is already registered (as {model.name!r}, provider "
+                   f"{model.provider or '-'}, id {model.id}); its name, provider and id were not changed", err=True)
+    emit_models([model], fmt)
 
 
 @models.command("list")
-@click.option("--owner", "owner_id", type=click.UUID, help="Only this user's models and the shared ones.")
+@click.option("--owner", "owner_id", type=USER_ID, help="Only this user's models and the shared ones.")
 @format_option
 @pass_state
 def models_list(state: State, owner_id, fmt) -> None:
@@ -221,19 +268,19 @@ def models_list(state: State, owner_id, fmt) -> None:
 
 def _tracking_command(tracked: bool):
     @click.argument("model")
-    @click.option("--owner", "owner_id", type=click.UUID, help="Owner, when MODEL is a key.")
+    @click.option("--owner", "owner_id", type=USER_ID, help="Owner, when MODEL is one of its own models.")
     @pass_state
     def command(state: State, model: str, owner_id: str | None) -> None:
         with state.client() as client:
-            model_id = resolve_model(client, model, owner_id)
+            model_id = resolve_model(client, model, owner_id).id
             client.set_model_tracking(model_id, tracked)
         click.echo(f"model {model_id}: {'tracked' if tracked else 'not tracked'}")
 
     return command
 
 
-models.command("track", help="Tag new conversations of MODEL (id or key).")(_tracking_command(True))
-models.command("untrack", help="Stop tagging new conversations of MODEL (id or key).")(_tracking_command(False))
+models.command("track", help="Tag new conversations of MODEL (name, key or id).")(_tracking_command(True))
+models.command("untrack", help="Stop tagging new conversations of MODEL (name, key or id).")(_tracking_command(False))
 
 
 # -- sessions -----------------------------------------------------------------------
@@ -245,7 +292,7 @@ def sessions() -> None:
 @sessions.command("tracking")
 @click.argument("conversation", type=click.UUID)
 @click.argument("state_word", metavar="on|off", type=click.Choice(["on", "off"]))
-@click.option("--user", "user_id", type=click.UUID, help="Owner of the conversation, when its id is not unique.")
+@click.option("--user", "user_id", type=USER_ID, help="Owner of the conversation, when its id is not unique.")
 @pass_state
 def sessions_tracking(state: State, conversation: str, state_word: str, user_id: str | None) -> None:
     """Record traces of CONVERSATION (on) or not (off)."""
@@ -280,20 +327,41 @@ class TimeParam(click.ParamType):
 TIME = TimeParam()
 
 
-def page_hint(rows: list, limit: int) -> None:
-    """After a full page, print the command that shows the next one: the same command and
-    filters with --cursor (on stderr, so the output stays parseable)."""
+def _without_password(dsn: str) -> str:
+    """The connection string less its password, which has no place in printed output."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return dsn
+    return make_conninfo(**{k: v for k, v in params.items() if k != "password"}) if "password" in params else dsn
+
+
+def page_hint(rows: list, limit: int, **used) -> None:
+    """After a full page, print the command that shows the next one (on stderr, so the
+    output stays parseable): the options given on the command line, --dsn included (less
+    any password), with
+    the values this page used (an age given to --since as the time it stood for; `used`
+    overrides by parameter name), and --cursor."""
     if not rows or len(rows) < limit:
         return
-    args, skip = [], False
-    for arg in sys.argv[1:]:  # less --cursor, and less --dsn, which may hold a password
-        if skip:
-            skip = False
-        elif arg in ("--cursor", "--dsn"):
-            skip = True
-        elif not arg.startswith(("--cursor=", "--dsn=")):
-            args.append(arg)
-    click.echo(f"more: sessiontag {shlex.join(args)} --cursor {rows[-1].cursor}", err=True)
+    contexts, ctx = [], click.get_current_context()
+    while ctx is not None:
+        contexts.insert(0, ctx)
+        ctx = ctx.parent
+    words = []
+    for ctx in contexts:
+        words.append(ctx.info_name)
+        for param in ctx.command.params:
+            if (not isinstance(param, click.Option) or param.name == "after"
+                    or ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE):
+                continue
+            value = used.get(param.name, ctx.params[param.name])
+            if param.name == "dsn":
+                value = _without_password(value)
+            words.append(param.opts[0])
+            if not param.is_flag:
+                words.append(value.isoformat() if isinstance(value, datetime) else str(value))
+    click.echo(f"more: {shlex.join(words)} --cursor {rows[-1].cursor}", err=True)
 
 
 # The SQL argument behind each search option, to name the option in errors.
@@ -318,15 +386,6 @@ def checked_page(fetch, since, until):
 
 
 TRACE_COLUMNS = ["when", "session", "trace", "span", "status", "ms"]
-
-
-def model_name_of(client: Client, model: str) -> str | None:
-    """The display name of the registered model with this id or key, if any."""
-    try:
-        model_id = UUID(model)
-    except ValueError:
-        model_id = client.model_id(model)
-    return next((m.name for m in client.list_models() if m.id == model_id), None)
 
 
 def find_trace(client: Client, trace_id: str, user_id) -> tuple:
@@ -359,12 +418,12 @@ def traces() -> None:
 
 
 @traces.command("list")
-@click.option("--user", "user_id", type=click.UUID, help="Only this user's spans.")
+@click.option("--user", "user_id", type=USER_ID, help="Only this user's spans.")
 @click.option("--tag", "session_tag", help="Only this session tag.")
 @click.option("--conversation", "conversation_id", type=click.UUID, help="Only this conversation.")
 @click.option("--trace", "trace_id", help="Only the spans of this trace.")
-@click.option("--model", "model_name", help="Only spans of this model: the name spans carry, else a"
-              " registered model's key or id.")
+@click.option("--model", "model_name", help="Only spans of this model: a name spans carry, else a"
+              " registered model's name, key or id.")
 @click.option("--status", type=click.Choice(["running", "success", "error", "cancelled"]))
 @click.option("--operation", "operation_type", help="Only this operation type (llm_call, chain, ...).")
 @click.option("--since", type=TIME, help="Started at or after (ISO time or age: 30m, 24h, 7d).")
@@ -384,27 +443,29 @@ def traces_list(state: State, fmt: str, page_size: int, **filters) -> None:
 
         rows = fetch()
         if not rows and filters["model_name"] and not filters["after"]:
-            # No span carries that name: it may be a registered model's key or id.
-            name = model_name_of(client, filters["model_name"])
-            if name is not None and name != filters["model_name"]:
-                filters["model_name"] = name
+            # No span of the page carries that name: it may be a registered model's key or id.
+            found = find_models(client, filters["model_name"])
+            if found and found[0].name != filters["model_name"]:
+                filters["model_name"] = found[0].name
                 rows = fetch()
+            elif not found and not client.list_traces(model_name=filters["model_name"], page_size=1):
+                raise SessiontagError(_no_model(filters["model_name"], ", and no span carries that model name"))
     if fmt == "table":
         emit([{"when": views.local_time(r.start_time, with_date="short"), "session": r.session_tag or "-",
                "trace": views.clip(r.trace_id, 8), "span": views.clip(r.span_name, 14),
                "status": r.status, "ms": views.ms(r.duration_ms)} for r in rows], fmt, TRACE_COLUMNS)
     else:
-        emit(rows, fmt)
+        emit(rows, fmt, columns_of(TraceRow))
     users = {r.user_id for r in rows}
     if filters["session_tag"] and filters["user_id"] is None and len(users) > 1:
         click.echo(f"note: {len(users)} users hold tag {filters['session_tag']} (each user numbers their own "
                    "sessions); add --user to see one session", err=True)
-    page_hint(rows, page_size)
+    page_hint(rows, page_size, model_name=filters["model_name"])  # the name this page matched
 
 
 @traces.command("show")
 @click.argument("trace_id")
-@click.option("--user", "user_id", type=click.UUID, help="The trace's user (needed when several users have this trace id).")
+@click.option("--user", "user_id", type=USER_ID, help="The trace's user (needed when several users have this trace id).")
 @format_option
 @pass_state
 def traces_show(state: State, trace_id: str, user_id: str | None, fmt: str) -> None:
@@ -436,8 +497,8 @@ def _session_cells(s) -> dict:
 
 
 @sessions.command("list")
-@click.option("--user", "user_id", type=click.UUID, help="Only this user's sessions.")
-@click.option("--model", help="Only sessions of this model (id or key).")
+@click.option("--user", "user_id", type=USER_ID, help="Only this user's sessions.")
+@click.option("--model", help="Only sessions of this model (name, key or id).")
 @click.option("--since", type=TIME, help="Created at or after (ISO time or age: 30m, 24h, 7d).")
 @click.option("--until", type=TIME, help="Created before (ISO time or age).")
 @click.option("--cursor", "after", help="Continue after this cursor (printed after a full page).")
@@ -447,20 +508,20 @@ def _session_cells(s) -> dict:
 def sessions_list(state: State, user_id, model, since, until, after, page_size, fmt) -> None:
     """List tagged sessions with their metrics, newest first."""
     with state.client() as client:
-        model_id = resolve_model(client, model) if model else None
+        model_id = resolve_model(client, model).id if model else None
         rows = checked_page(lambda: client.list_sessions(user_id=user_id, model_id=model_id, since=since,
                                                          until=until, after=after, page_size=page_size),
                             since, until)
     if fmt == "table":
         emit([_session_cells(s) for s in rows], fmt, SESSION_COLUMNS)
     else:
-        emit(rows, fmt)
+        emit(rows, fmt, columns_of(SessionSummary))
     page_hint(rows, page_size)
 
 
 @sessions.command("show")
 @click.argument("tag")
-@click.option("--user", "user_id", type=click.UUID, help="The session's user (needed when several users hold this tag).")
+@click.option("--user", "user_id", type=USER_ID, help="The session's user (needed when several users hold this tag).")
 @format_option
 @pass_state
 def sessions_show(state: State, tag: str, user_id: str | None, fmt: str) -> None:
@@ -490,8 +551,8 @@ COMPARE_COLUMNS = ["model", "sessions", "traces", "errors", "p50", "p95", "token
 
 
 @cli.command("compare")
-@click.option("--user", "user_id", type=click.UUID, help="Only this user's sessions.")
-@click.option("--model", "models_", multiple=True, help="Only these models (id or key; repeat the option).")
+@click.option("--user", "user_id", type=USER_ID, help="Only this user's sessions.")
+@click.option("--model", "models_", multiple=True, help="Only these models (name, key or id; repeat the option).")
 @click.option("--since", type=TIME, help="Sessions created at or after (ISO time or age: 30m, 24h, 7d).")
 @click.option("--until", type=TIME, help="Sessions created before (ISO time or age).")
 @format_option
@@ -499,11 +560,11 @@ COMPARE_COLUMNS = ["model", "sessions", "traces", "errors", "p50", "p95", "token
 def compare_cmd(state: State, user_id, models_, since, until, fmt) -> None:
     """Compare models session by session, side by side."""
     with state.client() as client:
-        model_ids = [resolve_model(client, m) for m in models_] or None
+        model_ids = [resolve_model(client, m).id for m in models_] or None
         rows = checked_page(lambda: client.compare_models(user_id=user_id, model_ids=model_ids, since=since,
                                                           until=until), since, until)
     if fmt != "table":
-        emit(rows, fmt)
+        emit(rows, fmt, columns_of(ModelComparison))
         return
     emit([{"model": views.clip(r.model_name, 18), "sessions": r.sessions, "traces": r.traces,
            "errors": "-" if r.error_rate is None else f"{r.error_rate:.1%}", "p50": views.ms(r.p50_ms),
@@ -521,28 +582,108 @@ def compare_cmd(state: State, user_id, models_, since, until, fmt) -> None:
 
 
 # -- ingest -------------------------------------------------------------------------
+class Interrupted(SessiontagError):
+    """Ctrl-C: the CLI says what was stored and exits with status 130."""
+
+
+class NotANumber(str):
+    """NaN, Infinity or -Infinity: Python's json reads them, but JSON has no such numbers."""
+
+
+# Numbers are read as Decimal (1e400 is a number PostgreSQL keeps, not a float infinity),
+# and only to check them: each span is sent as the JSON text it was given, every digit kept.
+_DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=NotANumber)
+_SPACE = re.compile(r"[ \t\n\r]*")
+_MAYBE_UNSTORABLE = re.compile(r"NaN|Infinity|\\u(0000|[dD][89a-fA-F])")  # cheap test before the walk
+_UNSTORABLE_CHAR = re.compile("[\x00\ud800-\udfff]")  # PostgreSQL text holds neither NUL nor lone surrogates
 _BAD_ELEMENT = re.compile(r"^spans\[(\d+)\](\.|: )(.*)$", re.DOTALL)
 
 
-def read_spans(text: str) -> tuple[list, list[str]]:
-    """The spans of a JSON array or JSON lines text, and where each one is ("line 12",
-    "spans[3]") for error messages."""
-    if text.lstrip().startswith("["):
-        try:
-            spans = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SessiontagError(f"line {exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-        return spans, [f"spans[{i}]" for i in range(len(spans))]
-    spans, where = [], []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            spans.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise SessiontagError(f"line {number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-        where.append(f"line {number}")
-    return spans, where
+def _at(location: str, rest: str, field: bool) -> str:
+    """'line 3: cost_usd: ...' (JSON lines), 'spans[3].cost_usd: ...' (array), 'line 3: ...' (no field)."""
+    return f"{location}{'.' if field and not location.startswith('line') else ': '}{rest}"
+
+
+def _unstorable(value, path: str = "") -> tuple[str, str] | None:
+    """(where, why) of the first value in VALUE that PostgreSQL cannot store, else None."""
+    def bad_text(text: str) -> str | None:
+        char = _UNSTORABLE_CHAR.search(text)
+        return char and f"holds U+{ord(char.group()):04X}, which PostgreSQL text cannot store"
+
+    if isinstance(value, NotANumber):
+        return path, f"{value} is not a number JSON allows"
+    if isinstance(value, str):
+        return (path, why) if (why := bad_text(value)) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if why := bad_text(key):
+                return path, f"a key {why}"
+            if problem := _unstorable(item, f"{path}.{key}" if path else key):
+                return problem
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if problem := _unstorable(item, f"{path}[{index}]"):
+                return problem
+    return None
+
+
+def _check_storable(value, text: str, location: str) -> None:
+    if _MAYBE_UNSTORABLE.search(text) and (problem := _unstorable(value)):
+        path, why = problem
+        raise SessiontagError(_at(location, f"{path}: {why}" if path else why, bool(path)))
+
+
+def _array_elements(text: str, start: int) -> list[tuple]:
+    """(value, JSON text, 'spans[i]') of each element of the JSON array opening at START."""
+    elements = []
+    at = _SPACE.match(text, start + 1).end()
+    while not text.startswith("]", at):
+        if elements:
+            if not text.startswith(",", at):
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
+            at = _SPACE.match(text, at + 1).end()
+        value, end = _DECODER.raw_decode(text, at)
+        elements.append((value, text[at:end], f"spans[{len(elements)}]"))
+        at = _SPACE.match(text, end).end()
+    end = _SPACE.match(text, at + 1).end()
+    if end < len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return elements
+
+
+def read_documents(text: str) -> list[tuple]:
+    """(value, JSON text, where) of each span of a JSON array or of JSON lines, or of the
+    one JSON document (an OTLP request, or a span) the text is; `where` is "spans[3]" or
+    "line 12", for error messages. Values PostgreSQL cannot store are refused here."""
+    start = _SPACE.match(text).end()
+    try:
+        if text.startswith("[", start):
+            documents = _array_elements(text, start)
+        else:
+            # The first value is the whole text (one document, maybe on many lines), or
+            # the first line of JSON lines; where it breaks, that is where the text does.
+            value, end = _DECODER.raw_decode(text, start)
+            if _SPACE.match(text, end).end() == len(text):
+                line = text.count("\n", 0, start) + 1
+                documents = [(value, text[start:end], f"line {line}")]
+            else:
+                documents = list(_json_lines(text))
+    except json.JSONDecodeError as exc:
+        raise SessiontagError(f"line {exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    for value, span_text, where in documents:
+        _check_storable(value, span_text, where)
+    return documents
+
+
+def _json_lines(text: str):
+    offset = 0
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                yield _DECODER.decode(line), line, f"line {number}"
+            except json.JSONDecodeError as exc:  # at its place in the whole text, for the line number
+                raise json.JSONDecodeError(exc.msg, text, offset + exc.pos) from None
+        offset += len(line) + 1
 
 
 def _otlp_span_count(doc: dict) -> int:
@@ -554,30 +695,25 @@ def _otlp_span_count(doc: dict) -> int:
                if isinstance(resource, dict) for scope in items(resource.get("scopeSpans")) if isinstance(scope, dict))
 
 
+def _otlp_request(documents: list[tuple]) -> dict | None:
+    """The document, when the text is one OTLP/JSON ExportTraceServiceRequest."""
+    value, _, where = documents[0] if len(documents) == 1 else (None, "", "")
+    return value if where.startswith("line") and isinstance(value, dict) and "resourceSpans" in value else None
+
+
 def _stored_line(stored: int, total: int, kind: str = "") -> str:
     skipped = total - stored
     return f"stored {stored} of {total} spans{kind}" + (
         f" ({skipped} skipped: already stored, or of conversations with tracking off)" if skipped > 0 else "")
 
 
-def _otlp_request(text: str) -> dict | None:
-    """The document, when the text is an OTLP/JSON ExportTraceServiceRequest."""
-    if not text.lstrip().startswith("{"):
-        return None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        return None  # JSON lines, or broken JSON: read_spans says where
-    return doc if isinstance(doc, dict) and "resourceSpans" in doc else None
-
-
 @cli.command("ingest", short_help="Store spans from a JSON, JSON lines or OTLP file.")
-@click.argument("source", metavar="FILE|-", type=click.File("r", encoding="utf-8"))
+@click.argument("source", metavar="FILE|-", type=click.File("r", encoding="utf-8-sig"))
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=1000, show_default=True,
               help="Spans per ingest_traces call.")
 @click.option("--progress/--no-progress", default=None,
-              help="Progress bar on stderr (default: when stderr is a terminal).")
-@click.option("--default-user", "default_user_id", type=click.UUID,
+              help="Progress on stderr: a bar on a terminal, else a line per batch (default: on a terminal).")
+@click.option("--default-user", "default_user_id", type=USER_ID,
               help="OTLP only: the user of spans without a user.id attribute.")
 @pass_state
 def ingest_cmd(state: State, source, batch_size: int, progress: bool | None, default_user_id) -> None:
@@ -587,41 +723,60 @@ def ingest_cmd(state: State, source, batch_size: int, progress: bool | None, def
     OpenTelemetry export). All or nothing: on bad input nothing is stored and the error
     names the line (or array index, or OTLP path) and the field."""
     try:
+        click.echo(_ingest(state, source, batch_size, progress, default_user_id))
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; nothing was stored") from None
+
+
+def _ingest(state: State, source, batch_size: int, progress: bool | None, default_user_id) -> str:
+    """Stores the file in one transaction; returns the summary line."""
+    try:
         text = source.read()
     except UnicodeDecodeError as exc:
         raise SessiontagError(f"{source.name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not text.strip():
         raise SessiontagError(f"{source.name}: no spans (it is empty)")
-    otlp = _otlp_request(text)
-    if otlp is not None:
-        with state.client() as client:
+    documents = read_documents(text)
+    otlp = _otlp_request(documents)
+    if otlp is None and default_user_id is not None:
+        raise SessiontagError("--default-user applies to OTLP exports only; give each span its user_id")
+    with state.client(autocommit=False) as client:  # closed uncommitted on any error: nothing is stored
+        if otlp is not None:
             try:
-                stored = client.ingest_otlp(otlp, default_user_id)
+                stored = client.ingest_otlp(documents[0][1], default_user_id)
             except DatabaseError as exc:
                 message = str(exc).replace("default_user_id", "--default-user")
                 raise SessiontagError(f"{message}; nothing was stored") from None
-        click.echo(_stored_line(stored, _otlp_span_count(otlp), " (OTLP)"))
-        return
-    if default_user_id is not None:
-        raise SessiontagError("--default-user applies to OTLP exports only; give each span its user_id")
-    spans, where = read_spans(text)
-    stored = 0
-    show = sys.stderr.isatty() if progress is None else progress
-    with state.client() as client, client.conn.transaction():
-        with click.progressbar(length=len(spans), label="ingesting", file=sys.stderr if show else io.StringIO()) as bar:
-            for start in range(0, len(spans), batch_size):
-                batch = spans[start:start + batch_size]
-                try:
-                    stored += client.ingest(batch)
-                except DatabaseError as exc:
-                    match = _BAD_ELEMENT.match(str(exc))
-                    if match is None:
-                        raise SessiontagError(f"{exc}; nothing was stored") from None
-                    location = where[start + int(match.group(1))]
-                    separator = ": " if location.startswith("line") or match.group(2) == ": " else "."
-                    raise SessiontagError(f"{location}{separator}{match.group(3)}; nothing was stored") from None
-                bar.update(len(batch))
-    click.echo(_stored_line(stored, len(spans)))
+            summary = _stored_line(stored, _otlp_span_count(otlp), " (OTLP)")
+        else:
+            summary = _ingest_spans(client, documents, batch_size,
+                                    sys.stderr.isatty() if progress is None else progress)
+        try:
+            client.conn.commit()
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted while committing: the spans may or may not be stored") from None
+    return summary
+
+
+def _ingest_spans(client: Client, documents: list[tuple], batch_size: int, show: bool) -> str:
+    bar_file = sys.stderr if show and sys.stderr.isatty() else io.StringIO()  # else a line per batch
+    stored, total = 0, len(documents)
+    with click.progressbar(length=total, label="ingesting", file=bar_file) as bar:
+        for start in range(0, total, batch_size):
+            batch = documents[start:start + batch_size]
+            try:
+                stored += client.ingest("[" + ",".join(span_text for _, span_text, _ in batch) + "]")
+            except DatabaseError as exc:
+                match = _BAD_ELEMENT.match(str(exc))
+                if match is None:
+                    raise SessiontagError(f"{exc}; nothing was stored") from None
+                location = batch[int(match.group(1))][2]
+                raise SessiontagError(f"{_at(location, match.group(3), match.group(2) == '.')}; nothing was stored") \
+                    from None
+            bar.update(len(batch))
+            if show and bar_file is not sys.stderr:
+                click.echo(f"ingesting: {start + len(batch)} of {total} spans sent", err=True)
+    return _stored_line(stored, total)
 
 
 # -- demo ---------------------------------------------------------------------------
@@ -635,11 +790,12 @@ def demo_cmd(state: State, seed: int | None, users: int) -> None:
 
     with state.client() as client:
         result = demo.run(client, seed, users)
-        newest = client.list_sessions(page_size=1)[0]
     click.echo(f"loaded {result.sessions} sessions of {result.users} users with {result.traces} traces "
                f"({result.spans} spans) across {len(demo.MODELS)} models")
-    click.echo("next:  sessiontag sessions list\n       sessiontag compare\n"
-               f"       sessiontag traces list --tag {newest.session_id} --user {newest.user_id}")
+    click.echo("next:  sessiontag sessions list\n       sessiontag compare")
+    if result.example:
+        tag, user_id = result.example
+        click.echo(f"       sessiontag traces list --tag {tag} --user {user_id}")
 
 
 # -- entry point --------------------------------------------------------------------
@@ -659,7 +815,9 @@ def main(argv: list[str] | None = None) -> None:
     except _NO_ARGS as exc:
         click.echo(exc.ctx.get_help(), err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click has ended the ^C line
+            _fail("interrupted", 130)
         click.echo("", err=True)  # end the unanswered prompt's line
         _fail("aborted")
     except click.ClickException as exc:
@@ -668,6 +826,8 @@ def main(argv: list[str] | None = None) -> None:
         if exc.sqlstate in ("3F000", "42883", "42P01"):  # no schema, function or table: not migrated
             _fail(f"{exc}; is the database migrated? run 'sessiontag migrate'")
         _fail(str(exc))
+    except Interrupted as exc:
+        _fail(str(exc), 130)
     except SessiontagError as exc:
         _fail(str(exc))
     except psycopg.Error as exc:

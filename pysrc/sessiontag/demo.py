@@ -50,6 +50,7 @@ class DemoResult:
     sessions: int
     traces: int
     spans: int
+    example: tuple[str, uuid.UUID] | None = None  # (session tag, user id) of a session it loaded
 
 
 def _completion(rng: random.Random, model: DemoModel, model_id, start: datetime, name: str) -> dict:
@@ -132,4 +133,7 @@ def run(client: Client, seed: int | None = None, users: int = 5) -> DemoResult:
             client.conn.execute(query("demo_backdate"), {"conversation_ids": conversation_ids})
     except psycopg.errors.InsufficientPrivilege:
         pass  # an application role: the conversations keep today's date
-    return DemoResult(users=users, sessions=sessions, traces=traces, spans=spans)
+    # The last conversation's tag, as its spans carry it (it may have been tagged by them).
+    last = client.list_traces(user_id=user_id, conversation_id=conversation_ids[-1], page_size=1)
+    example = (last[0].session_tag, user_id) if last and last[0].session_tag else None
+    return DemoResult(users=users, sessions=sessions, traces=traces, spans=spans, example=example)

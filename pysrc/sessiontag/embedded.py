@@ -156,12 +156,27 @@ class LocalServer:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _run(self, argv: list[str], what: str) -> None:
+    def _run(self, argv: list[str], what: str, log_from: int | None = None) -> None:
+        """Runs a server program; on failure, says why in one line: its last line of
+        output, or the last FATAL line the server logged after offset ``log_from``."""
         result = subprocess.run(argv, capture_output=True, text=True)
         if result.returncode != 0:
             detail = (result.stderr or result.stdout).strip().splitlines()
+            if log_from is not None:
+                with open(self.log, errors="replace") as log:
+                    log.seek(log_from)
+                    detail += [line.split("FATAL:", 1)[1].strip() for line in log if "FATAL:" in line]
             hint = f" (see {self.log})" if self.log.exists() else ""
             raise SessiontagError(f"{what} failed: {detail[-1] if detail else 'no output'}{hint}")
+
+    def _check_socket_path(self) -> None:
+        """The server's Unix socket path must fit in 107 bytes; else it fails to start,
+        saying so only in its log."""
+        path = os.fsencode(self.socket_dir.absolute() / ".s.PGSQL.5432")
+        if len(path) > 107:
+            raise SessiontagError(
+                f"SESSIONTAG_HOME {self.home} is too long: the local server's Unix socket would be "
+                f"{os.fsdecode(path)} ({len(path)} bytes; the limit is 107); set a shorter SESSIONTAG_HOME")
 
     def _init(self) -> None:
         user = server_user()
@@ -187,6 +202,7 @@ class LocalServer:
 
     def start(self) -> bool:
         """Initialize on first use and start; False when it was already running."""
+        self._check_socket_path()
         with self._locked():
             if not self.initialized():
                 self._init()
@@ -196,7 +212,7 @@ class LocalServer:
                 self.log.touch()
             hand_over(self.log)
             self._run(pg_argv("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
-                              "-o", f"-k {self.socket_dir}"), "starting the local server")
+                              "-o", f"-k {self.socket_dir}"), "starting the local server", self.log.stat().st_size)
             self._create_database()
             return True
 

@@ -131,6 +131,9 @@ def _select_rollback(backend, to, steps, everything):
     if steps is not None:
         if steps < 1:
             raise SessiontagError(f"--steps must be at least 1, got {steps}")
+        if steps > len(applied):
+            raise SessiontagError(f"--steps {steps} is more than the {len(applied)} applied migration(s); "
+                                  "--all rolls back every one")
         return applied.filter(lambda m: m in list(applied)[:steps])
     target = _check_id(migrations, to)
     if target not in applied:

@@ -24,10 +24,18 @@ def as_dict(row: Any) -> dict:
     return dict(row)
 
 
+def columns_of(row_type: type) -> list[str]:
+    """The columns of a row type (a dataclass), for output that has a header even when empty."""
+    return [field.name for field in dataclasses.fields(row_type)]
+
+
 def _plain(value: Any) -> Any:
     """A value as JSON and CSV show it."""
     if isinstance(value, (UUID, Decimal)):
         return str(value)
+    if isinstance(value, float):
+        # A double holds 15 significant digits: the rest is binary noise (1510.7930000000001).
+        return float(f"{value:.15g}")
     if isinstance(value, datetime):
         return value.astimezone().isoformat()  # the user's time zone
     return value
