@@ -86,6 +86,8 @@ LANGUAGE plpgsql
 STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    cost text;
 BEGIN
     IF _end_problem.status IS NULL THEN
         RETURN ROW('status', 'must not be NULL', '22004')::sessiontag._problem;
@@ -111,14 +113,15 @@ BEGIN
     IF _end_problem.cost_usd = 'NaN' THEN
         RETURN ROW('cost_usd', 'must be a number, got NaN', '22023')::sessiontag._problem;
     END IF;
+    -- A number of hundreds of digits is shown in scientific notation.
+    cost := CASE WHEN length(_end_problem.cost_usd::text) > 30
+                 THEN btrim(to_char(_end_problem.cost_usd, '9.999999EEEE')) ELSE _end_problem.cost_usd::text END;
     IF _end_problem.cost_usd < 0 THEN
-        RETURN ROW('cost_usd', format('must not be negative, got %s', _end_problem.cost_usd),
-                   '22023')::sessiontag._problem;
+        RETURN ROW('cost_usd', format('must not be negative, got %s', cost), '22023')::sessiontag._problem;
     END IF;
     -- llm_traces.cost_usd is numeric(18, 8): 8 decimals, under 10^10 once rounded to them.
     IF round(_end_problem.cost_usd, 8) >= 1e10 THEN
-        RETURN ROW('cost_usd', format('must be less than 10000000000, got %s', _end_problem.cost_usd),
-                   '22003')::sessiontag._problem;
+        RETURN ROW('cost_usd', format('must be less than 10000000000, got %s', cost), '22003')::sessiontag._problem;
     END IF;
     IF _end_problem.status <> 'running' THEN
         IF _end_problem.end_time IS NULL THEN

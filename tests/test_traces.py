@@ -501,6 +501,7 @@ BAD_ELEMENTS = [
     (5, dict(input_tokens=2 ** 40), "22003", "spans[5].input_tokens: value \"1099511627776\" is out of range"),
     (6, dict(cost_usd=-1), "22023", "spans[6].cost_usd: must not be negative"),
     (6, dict(cost_usd=1e11), "22003", "spans[6].cost_usd: must be less than 10000000000"),
+    (6, dict(cost_usd="1e400"), "22003", "spans[6].cost_usd: must be less than 10000000000, got 1.000000e+400"),
     (6, dict(cost_usd="NaN"), "22023", "spans[6].cost_usd: must be a number, got NaN"),
     (7, dict(start_time="2O26-01-01"), "22007", 'spans[7].start_time: invalid input syntax for type timestamp'),
     (7, dict(start_time="yesterday"), "22007", 'spans[7].start_time: must be an ISO 8601 time, got "yesterday"'),
