@@ -1,6 +1,26 @@
 -- Undoes 0009_creation_locks: the bodies of 0008 again (a racing insert with another
 -- model may again lose a number), and no lock table. No data is touched.
 
+-- Takes the next n numbers of (user_id, model_id) and returns the last one. The counter
+-- row stays locked until the caller's transaction ends: concurrent callers of the same
+-- key queue behind it, callers of other keys do not; a rollback undoes the increment.
+-- O(1): no scan of earlier conversations.
+CREATE OR REPLACE FUNCTION sessiontag._take_counter(user_id uuid, model_id uuid, n bigint DEFAULT 1)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    result bigint;
+BEGIN
+    INSERT INTO sessiontag.session_counters AS c (user_id, model_id, last_value)
+    VALUES (_take_counter.user_id, _take_counter.model_id, _take_counter.n)
+    ON CONFLICT ON CONSTRAINT session_counters_pkey DO UPDATE SET last_value = c.last_value + excluded.last_value
+    RETURNING c.last_value INTO result;
+    RETURN result;
+END
+$$;
+
 -- Trigger on conversations: tags a new conversation of a tracked model, and checks
 -- every tag written by a caller. A caller may give its own session_id (a manual tag);
 -- one in the automatic form must have been issued by generate_session_tag(s) for this

@@ -6,9 +6,10 @@
 -- model. The bodies below replace those of 0008.
 -- depends: 0008_tag_rules
 
--- One row per user that has created a conversation. Every insert into conversations
--- locks its user's row until its transaction ends (trigger _100_tag), so transactions
--- creating conversations of one user go one after the other. One that races another for
+-- One row per user that has created a conversation. Every insert into conversations,
+-- and every take of a session number, locks its user's row until its transaction ends
+-- (trigger _100_tag, _take_counter), so transactions creating conversations of one user
+-- go one after the other. One that races another for
 -- the same id or external_id (INSERT ... ON CONFLICT) then sees the other's row and takes
 -- no session number for a row that will not be stored, whatever models the two name.
 -- A row lock rather than an advisory lock: a bulk load of many users' conversations in
@@ -23,6 +24,31 @@ CREATE POLICY access ON sessiontag._creation_locks TO PUBLIC USING (true) WITH C
 CREATE POLICY own_rows ON sessiontag._creation_locks AS RESTRICTIVE TO sessiontag_user
     USING (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid)
     WITH CHECK (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid);
+
+-- Takes the next n numbers of (user_id, model_id) and returns the last one. The counter
+-- row stays locked until the caller's transaction ends: concurrent callers of the same
+-- key queue behind it, callers of other keys do not; a rollback undoes the increment.
+-- O(1): no scan of earlier conversations. The user's creation lock comes first (see
+-- _creation_locks), as in every conversation insert: one lock order, so a transaction
+-- that takes a tag and then inserts its conversation cannot deadlock with another
+-- creating a conversation of the same user.
+CREATE OR REPLACE FUNCTION sessiontag._take_counter(user_id uuid, model_id uuid, n bigint DEFAULT 1)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    result bigint;
+BEGIN
+    INSERT INTO sessiontag._creation_locks (user_id) VALUES (_take_counter.user_id)
+    ON CONFLICT ON CONSTRAINT _creation_locks_pkey DO UPDATE SET user_id = excluded.user_id WHERE false;
+    INSERT INTO sessiontag.session_counters AS c (user_id, model_id, last_value)
+    VALUES (_take_counter.user_id, _take_counter.model_id, _take_counter.n)
+    ON CONFLICT ON CONSTRAINT session_counters_pkey DO UPDATE SET last_value = c.last_value + excluded.last_value
+    RETURNING c.last_value INTO result;
+    RETURN result;
+END
+$$;
 
 -- Trigger on conversations: tags a new conversation of a tracked model, and checks
 -- every tag written by a caller. A caller may give its own session_id (a manual tag);

@@ -60,7 +60,10 @@ $$;
 -- Takes the next n numbers of (user_id, model_id) and returns the last one. The counter
 -- row stays locked until the caller's transaction ends: concurrent callers of the same
 -- key queue behind it, callers of other keys do not; a rollback undoes the increment.
--- O(1): no scan of earlier conversations.
+-- O(1): no scan of earlier conversations. The user's creation lock comes first (see
+-- _creation_locks), as in every conversation insert: one lock order, so a transaction
+-- that takes a tag and then inserts its conversation cannot deadlock with another
+-- creating a conversation of the same user.
 CREATE FUNCTION sessiontag._take_counter(user_id uuid, model_id uuid, n bigint DEFAULT 1)
 RETURNS bigint
 LANGUAGE plpgsql
@@ -69,6 +72,8 @@ AS $$
 DECLARE
     result bigint;
 BEGIN
+    INSERT INTO sessiontag._creation_locks (user_id) VALUES (_take_counter.user_id)
+    ON CONFLICT ON CONSTRAINT _creation_locks_pkey DO UPDATE SET user_id = excluded.user_id WHERE false;
     INSERT INTO sessiontag.session_counters AS c (user_id, model_id, last_value)
     VALUES (_take_counter.user_id, _take_counter.model_id, _take_counter.n)
     ON CONFLICT ON CONSTRAINT session_counters_pkey DO UPDATE SET last_value = c.last_value + excluded.last_value

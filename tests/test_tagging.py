@@ -354,6 +354,35 @@ def test_concurrent_creators_with_different_models_lose_no_number(dsn):
             assert tag == f"chat_model_{model.hex[:6]}_{counters.get(model, 0) + 1:03d}"
 
 
+def test_a_tag_taken_then_inserted_does_not_deadlock_with_a_concurrent_creator(dsn):
+    """One transaction takes a tag with generate_session_tag and then inserts its
+    conversation; meanwhile another creates a conversation of the same user. Both lock the
+    user before the counter, so the second waits instead of deadlocking."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        model, user = register(conn), uuid.uuid4()
+    with psycopg.connect(dsn) as first, psycopg.connect(dsn) as second:
+        tag = first.execute("SELECT session_id FROM sessiontag.generate_session_tag(%s, %s)",
+                            [user, model]).fetchone()[0]
+        result = {}
+
+        def create():
+            try:
+                result["tag"] = second.execute("SELECT session_id FROM sessiontag.create_conversation(%s, %s)",
+                                               [user, model]).fetchone()[0]
+                second.commit()
+            except Exception as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=create)
+        thread.start()
+        time.sleep(0.3)  # the creator is waiting for the first transaction by now
+        first.execute("INSERT INTO sessiontag.conversations (user_id, session_id) VALUES (%s, %s)", [user, tag])
+        first.commit()
+        thread.join()
+    assert "error" not in result, result.get("error")
+    assert (tag, result["tag"]) == (f"chat_model_{model.hex[:6]}_001", f"chat_model_{model.hex[:6]}_002")
+
+
 def test_another_users_private_model_is_unknown_to_a_conversation_whoever_calls(conn):
     alice, bob = uuid.uuid4(), uuid.uuid4()
     private = register(conn, "Alice's fine-tune", "ft-alice", owner=alice)
