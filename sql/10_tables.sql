@@ -96,16 +96,3 @@ CREATE TABLE sessiontag.session_counters (
     PRIMARY KEY (user_id, model_id)
 );
 COMMENT ON TABLE sessiontag.session_counters IS 'Last session number taken per (user, model); written only by sessiontag functions';
-
--- One row per user that has created a conversation. Every insert into conversations,
--- and every take of a session number, locks its user's row until its transaction ends
--- (trigger _100_tag, _take_counter), so transactions creating conversations of one user
--- go one after the other. One that races another for
--- the same id or external_id (INSERT ... ON CONFLICT) then sees the other's row and takes
--- no session number for a row that will not be stored, whatever models the two name.
--- A row lock rather than an advisory lock: a bulk load of many users' conversations in
--- one transaction holds no lock-table entry per user.
-CREATE TABLE sessiontag._creation_locks (
-    user_id uuid NOT NULL PRIMARY KEY
-);
-COMMENT ON TABLE sessiontag._creation_locks IS 'Per-user lock row taken by every conversation insert; private to sessiontag';

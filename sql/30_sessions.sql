@@ -60,10 +60,7 @@ $$;
 -- Takes the next n numbers of (user_id, model_id) and returns the last one. The counter
 -- row stays locked until the caller's transaction ends: concurrent callers of the same
 -- key queue behind it, callers of other keys do not; a rollback undoes the increment.
--- O(1): no scan of earlier conversations. The user's creation lock comes first (see
--- _creation_locks), as in every conversation insert: one lock order, so a transaction
--- that takes a tag and then inserts its conversation cannot deadlock with another
--- creating a conversation of the same user.
+-- O(1): no scan of earlier conversations.
 CREATE FUNCTION sessiontag._take_counter(user_id uuid, model_id uuid, n bigint DEFAULT 1)
 RETURNS bigint
 LANGUAGE plpgsql
@@ -72,8 +69,6 @@ AS $$
 DECLARE
     result bigint;
 BEGIN
-    INSERT INTO sessiontag._creation_locks (user_id) VALUES (_take_counter.user_id)
-    ON CONFLICT ON CONSTRAINT _creation_locks_pkey DO UPDATE SET user_id = excluded.user_id WHERE false;
     INSERT INTO sessiontag.session_counters AS c (user_id, model_id, last_value)
     VALUES (_take_counter.user_id, _take_counter.model_id, _take_counter.n)
     ON CONFLICT ON CONSTRAINT session_counters_pkey DO UPDATE SET last_value = c.last_value + excluded.last_value
@@ -186,12 +181,6 @@ BEGIN
     IF NEW.user_id IS NULL THEN
         RAISE EXCEPTION 'user_id must not be NULL' USING ERRCODE = 'not_null_violation';
     END IF;
-    IF TG_OP = 'INSERT' THEN
-        -- Wait for any other transaction creating a conversation of this user (see
-        -- _creation_locks): from here on, its row is committed and seen, or rolled back.
-        INSERT INTO sessiontag._creation_locks (user_id) VALUES (NEW.user_id)
-        ON CONFLICT ON CONSTRAINT _creation_locks_pkey DO UPDATE SET user_id = excluded.user_id WHERE false;
-    END IF;
     IF NEW.llm_model_id IS NOT NULL THEN
         SELECT * INTO m FROM sessiontag.llm_models
         WHERE id = NEW.llm_model_id AND (owner_id IS NULL OR owner_id = NEW.user_id);
@@ -206,14 +195,21 @@ BEGIN
             RAISE EXCEPTION 'session_counter is assigned by sessiontag and cannot be given'
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
-        -- A row whose key is taken is never stored: an INSERT ... ON CONFLICT skips it
-        -- or updates the existing row, and a plain INSERT fails. It takes no number, or
-        -- the counter would have a gap.
-        IF TG_OP = 'INSERT' AND m.tracked
-           AND NOT EXISTS (SELECT FROM sessiontag.conversations c WHERE c.user_id = NEW.user_id AND c.id = NEW.id)
-           AND NOT EXISTS (SELECT FROM sessiontag.conversations c
-                           WHERE c.user_id = NEW.user_id AND c.external_id = NEW.external_id) THEN
+        IF TG_OP = 'INSERT' AND m.tracked THEN
             NEW.session_counter := sessiontag._take_counter(NEW.user_id, m.id);
+            -- A row whose key is taken is never stored: an INSERT ... ON CONFLICT skips it
+            -- or updates the existing row, and a plain INSERT fails. Give the number back,
+            -- or the counter would have a gap. Checked after the counter's row lock, so a
+            -- concurrent creator of the same conversation (same model) has committed by
+            -- then and its row is seen.
+            IF EXISTS (SELECT FROM sessiontag.conversations c WHERE c.user_id = NEW.user_id AND c.id = NEW.id)
+               OR EXISTS (SELECT FROM sessiontag.conversations c
+                          WHERE c.user_id = NEW.user_id AND c.external_id = NEW.external_id) THEN
+                UPDATE sessiontag.session_counters c SET last_value = c.last_value - 1
+                WHERE c.user_id = NEW.user_id AND c.model_id = m.id;
+                NEW.session_counter := NULL;
+                RETURN NEW;
+            END IF;
             NEW.session_id := sessiontag._format_tag(m.short_id, NEW.session_counter);
             NEW.experiment_name := m.name;
         END IF;

@@ -63,6 +63,17 @@ AS $$
                  'model_provider', 'session_tag', 'status', 'error_message', 'message_id']
 $$;
 
+-- An ISO 8601 date or time as ingest_traces takes it: 2026-11-24, 2026-11-24T09:30:00Z,
+-- 2026-11-24 09:30:00.123456+01:00 (a time without offset is in the session's TimeZone).
+CREATE FUNCTION sessiontag._iso_time_pattern()
+RETURNS text
+LANGUAGE sql
+IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT '^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}([.,][0-9]+)?)?)?(Z|z|[+-][0-9]{2}(:?[0-9]{2})?)?$'
+$$;
+
 -- An OpenTelemetry-style id: 1 to 128 characters, no whitespace or control characters
 -- (a trailing newline or a blank id is a caller's bug, not an id). NULL when fine.
 CREATE FUNCTION sessiontag._id_problem(field text, value text, required boolean)
@@ -623,7 +634,8 @@ BEGIN
           OR jsonb_typeof(e.elem -> 'status') NOT IN ('string', 'null')
           OR jsonb_typeof(e.elem -> 'error_message') NOT IN ('string', 'null')
           OR jsonb_typeof(e.elem -> 'message_id') NOT IN ('string', 'null')
-          OR e.elem ->> 'start_time' !~ '^[0-9]' OR e.elem ->> 'end_time' !~ '^[0-9]'
+          OR e.elem ->> 'start_time' !~ sessiontag._iso_time_pattern()
+          OR e.elem ->> 'end_time' !~ sessiontag._iso_time_pattern()
           OR s.cost_usd = 'NaN'
           OR s.trace_id ~ '[[:space:][:cntrl:]]' OR s.span_id ~ '[[:space:][:cntrl:]]'
           OR s.parent_span_id ~ '[[:space:][:cntrl:]]' OR s.parent_span_id = s.span_id
@@ -748,9 +760,10 @@ BEGIN
         RETURN ROW(field, format('must be a JSON string, got %s %s', jsonb_typeof(_element_problem.elem -> field),
                                  _element_problem.elem -> field), '22023')::sessiontag._problem;
     END IF;
-    -- Only a date: PostgreSQL's words ('now', 'yesterday', 'epoch', ...) are no span's time.
+    -- Only an ISO 8601 time: PostgreSQL's words ('now', 'yesterday', 'epoch', ...) and
+    -- other forms it reads are no span's time.
     FOREACH field IN ARRAY ARRAY['start_time', 'end_time'] LOOP
-        IF _element_problem.elem ->> field !~ '^[0-9]' THEN
+        IF _element_problem.elem ->> field !~ sessiontag._iso_time_pattern() THEN
             RETURN ROW(field, format('must be an ISO 8601 time, got %s', _element_problem.elem -> field),
                        '22007')::sessiontag._problem;
         END IF;

@@ -92,7 +92,7 @@ REVOKE ALL ON ALL TABLES IN SCHEMA sessiontag FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sessiontag FROM PUBLIC;
 GRANT USAGE ON SCHEMA sessiontag TO sessiontag_app, sessiontag_user, sessiontag_reader;
 
--- Tables. session_counters, _creation_locks: nobody. short_id, session_id (after insert), session_counter,
+-- Tables. session_counters: nobody. short_id, session_id (after insert), session_counter,
 -- experiment_name and llm_traces: written by the owner's functions only.
 GRANT SELECT ON sessiontag.llm_models, sessiontag.conversations, sessiontag.llm_traces
     TO sessiontag_app, sessiontag_user, sessiontag_reader;
@@ -156,13 +156,11 @@ ALTER TABLE sessiontag.llm_models ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SEC
 ALTER TABLE sessiontag.conversations ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
 ALTER TABLE sessiontag.llm_traces ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
 ALTER TABLE sessiontag.session_counters ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
-ALTER TABLE sessiontag._creation_locks ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
 
 CREATE POLICY access ON sessiontag.llm_models TO PUBLIC USING (true) WITH CHECK (true);
 CREATE POLICY access ON sessiontag.conversations TO PUBLIC USING (true) WITH CHECK (true);
 CREATE POLICY access ON sessiontag.llm_traces TO PUBLIC USING (true) WITH CHECK (true);
 CREATE POLICY access ON sessiontag.session_counters TO PUBLIC USING (true) WITH CHECK (true);
-CREATE POLICY access ON sessiontag._creation_locks TO PUBLIC USING (true) WITH CHECK (true);
 
 -- A user sees the shared models and its own, and changes none (no privilege to).
 CREATE POLICY own_rows ON sessiontag.llm_models AS RESTRICTIVE TO sessiontag_user
@@ -175,8 +173,5 @@ CREATE POLICY own_rows ON sessiontag.llm_traces AS RESTRICTIVE TO sessiontag_use
     USING (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid)
     WITH CHECK (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid);
 CREATE POLICY own_rows ON sessiontag.session_counters AS RESTRICTIVE TO sessiontag_user
-    USING (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid)
-    WITH CHECK (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid);
-CREATE POLICY own_rows ON sessiontag._creation_locks AS RESTRICTIVE TO sessiontag_user
     USING (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid)
     WITH CHECK (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid);

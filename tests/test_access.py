@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 from tests.conftest import drop_database, new_database
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)
-TABLES = ["llm_models", "conversations", "llm_traces", "session_counters", "_creation_locks"]
+TABLES = ["llm_models", "conversations", "llm_traces", "session_counters"]
 
 
 # -- fixtures --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
--- Undoes 0010_input_checks: the earlier bodies again. No data is touched (spans stored
+-- Undoes 0009_input_checks: the earlier bodies again. No data is touched (spans stored
 -- under the stricter rules pass the earlier ones).
 
 -- Registers a model; registering again with the same (owner_id, model_key) returns the
@@ -49,6 +49,66 @@ BEGIN
 EXCEPTION WHEN unique_violation THEN
     RAISE EXCEPTION 'id % is already registered for another model', register_model.id
         USING ERRCODE = 'unique_violation';
+END
+$$;
+
+-- Creates a conversation, tagged at creation when model_id names a tracked model.
+CREATE OR REPLACE FUNCTION sessiontag.create_conversation(
+    user_id uuid,
+    model_id uuid DEFAULT NULL,
+    title text DEFAULT NULL,
+    id uuid DEFAULT NULL,
+    analytics_enabled boolean DEFAULT true,
+    external_id text DEFAULT NULL,
+    session_id text DEFAULT NULL
+)
+RETURNS sessiontag.conversations
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    result sessiontag.conversations;
+BEGIN
+    IF create_conversation.user_id IS NULL THEN
+        RAISE EXCEPTION 'user_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF create_conversation.analytics_enabled IS NULL THEN
+        RAISE EXCEPTION 'analytics_enabled must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF length(create_conversation.title) > 1000 THEN
+        RAISE EXCEPTION 'title is longer than 1000 characters' USING ERRCODE = 'string_data_right_truncation';
+    END IF;
+    IF create_conversation.external_id = '' OR length(create_conversation.external_id) > 200 THEN
+        RAISE EXCEPTION 'external_id must be 1 to 200 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF create_conversation.session_id = '' OR length(create_conversation.session_id) > 200 THEN
+        RAISE EXCEPTION 'session_id must be 1 to 200 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Friendly errors for the common mistakes; the constraints remain the guard.
+    IF create_conversation.model_id IS NOT NULL
+       AND NOT EXISTS (SELECT FROM sessiontag.llm_models m WHERE m.id = create_conversation.model_id) THEN
+        RAISE EXCEPTION 'model_id % is not a registered model', create_conversation.model_id
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    IF create_conversation.id IS NOT NULL AND EXISTS (
+           SELECT FROM sessiontag.conversations c
+           WHERE c.user_id = create_conversation.user_id AND c.id = create_conversation.id) THEN
+        RAISE EXCEPTION 'conversation id % already exists for user %', create_conversation.id, create_conversation.user_id
+            USING ERRCODE = 'unique_violation';
+    END IF;
+    IF create_conversation.external_id IS NOT NULL AND EXISTS (
+           SELECT FROM sessiontag.conversations c
+           WHERE c.user_id = create_conversation.user_id AND c.external_id = create_conversation.external_id) THEN
+        RAISE EXCEPTION 'external_id % is already used by another conversation of user %',
+            create_conversation.external_id, create_conversation.user_id USING ERRCODE = 'unique_violation';
+    END IF;
+    INSERT INTO sessiontag.conversations AS c
+        (id, user_id, external_id, title, llm_model_id, session_id, analytics_enabled)
+    VALUES (coalesce(create_conversation.id, gen_random_uuid()), create_conversation.user_id,
+            create_conversation.external_id, create_conversation.title, create_conversation.model_id,
+            create_conversation.session_id, create_conversation.analytics_enabled)
+    RETURNING c.* INTO result;
+    RETURN result;
 END
 $$;
 
@@ -409,3 +469,4 @@ END
 $$;
 
 DROP FUNCTION sessiontag._span_text_fields();
+DROP FUNCTION sessiontag._iso_time_pattern();

@@ -1,8 +1,21 @@
--- Stricter input: ingest_traces takes text fields only as JSON strings, times only as
--- dates (not 'now', 'yesterday', ...), and no NaN cost (nor do end_trace and
--- record_trace); ingest_otlp names the span of a malformed time; register_model refuses
--- an empty provider. The bodies below replace the earlier ones.
--- depends: 0009_creation_locks
+-- Stricter input. ingest_traces takes text fields only as JSON strings and times only
+-- as ISO 8601 (not 'now', 'yesterday', ...); no NaN cost (nor in end_trace and
+-- record_trace), and a huge cost is shown in scientific notation; ingest_otlp names the
+-- span of a malformed time; register_model refuses an empty provider;
+-- create_conversation names model_id (not llm_model_id) for another user's private
+-- model. The bodies below replace the earlier ones.
+-- depends: 0008_tag_rules
+
+-- An ISO 8601 date or time as ingest_traces takes it: 2026-11-24, 2026-11-24T09:30:00Z,
+-- 2026-11-24 09:30:00.123456+01:00 (a time without offset is in the session's TimeZone).
+CREATE OR REPLACE FUNCTION sessiontag._iso_time_pattern()
+RETURNS text
+LANGUAGE sql
+IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT '^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}([.,][0-9]+)?)?)?(Z|z|[+-][0-9]{2}(:?[0-9]{2})?)?$'
+$$;
 
 -- The span fields that hold text: in ingest_traces, a JSON string (or null) only; a
 -- number, boolean, array or object there is a caller's bug, not text to keep.
@@ -67,6 +80,68 @@ BEGIN
 EXCEPTION WHEN unique_violation THEN
     RAISE EXCEPTION 'id % is already registered for another model', register_model.id
         USING ERRCODE = 'unique_violation';
+END
+$$;
+
+-- Creates a conversation, tagged at creation when model_id names a tracked model.
+CREATE OR REPLACE FUNCTION sessiontag.create_conversation(
+    user_id uuid,
+    model_id uuid DEFAULT NULL,
+    title text DEFAULT NULL,
+    id uuid DEFAULT NULL,
+    analytics_enabled boolean DEFAULT true,
+    external_id text DEFAULT NULL,
+    session_id text DEFAULT NULL
+)
+RETURNS sessiontag.conversations
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    result sessiontag.conversations;
+BEGIN
+    IF create_conversation.user_id IS NULL THEN
+        RAISE EXCEPTION 'user_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF create_conversation.analytics_enabled IS NULL THEN
+        RAISE EXCEPTION 'analytics_enabled must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF length(create_conversation.title) > 1000 THEN
+        RAISE EXCEPTION 'title is longer than 1000 characters' USING ERRCODE = 'string_data_right_truncation';
+    END IF;
+    IF create_conversation.external_id = '' OR length(create_conversation.external_id) > 200 THEN
+        RAISE EXCEPTION 'external_id must be 1 to 200 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF create_conversation.session_id = '' OR length(create_conversation.session_id) > 200 THEN
+        RAISE EXCEPTION 'session_id must be 1 to 200 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Friendly errors for the common mistakes; the constraints remain the guard.
+    IF create_conversation.model_id IS NOT NULL
+       AND NOT EXISTS (SELECT FROM sessiontag.llm_models m
+                       WHERE m.id = create_conversation.model_id
+                         AND (m.owner_id IS NULL OR m.owner_id = create_conversation.user_id)) THEN
+        RAISE EXCEPTION 'model_id % is not a registered model', create_conversation.model_id
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    IF create_conversation.id IS NOT NULL AND EXISTS (
+           SELECT FROM sessiontag.conversations c
+           WHERE c.user_id = create_conversation.user_id AND c.id = create_conversation.id) THEN
+        RAISE EXCEPTION 'conversation id % already exists for user %', create_conversation.id, create_conversation.user_id
+            USING ERRCODE = 'unique_violation';
+    END IF;
+    IF create_conversation.external_id IS NOT NULL AND EXISTS (
+           SELECT FROM sessiontag.conversations c
+           WHERE c.user_id = create_conversation.user_id AND c.external_id = create_conversation.external_id) THEN
+        RAISE EXCEPTION 'external_id % is already used by another conversation of user %',
+            create_conversation.external_id, create_conversation.user_id USING ERRCODE = 'unique_violation';
+    END IF;
+    INSERT INTO sessiontag.conversations AS c
+        (id, user_id, external_id, title, llm_model_id, session_id, analytics_enabled)
+    VALUES (coalesce(create_conversation.id, gen_random_uuid()), create_conversation.user_id,
+            create_conversation.external_id, create_conversation.title, create_conversation.model_id,
+            create_conversation.session_id, create_conversation.analytics_enabled)
+    RETURNING c.* INTO result;
+    RETURN result;
 END
 $$;
 
@@ -189,7 +264,8 @@ BEGIN
           OR jsonb_typeof(e.elem -> 'status') NOT IN ('string', 'null')
           OR jsonb_typeof(e.elem -> 'error_message') NOT IN ('string', 'null')
           OR jsonb_typeof(e.elem -> 'message_id') NOT IN ('string', 'null')
-          OR e.elem ->> 'start_time' !~ '^[0-9]' OR e.elem ->> 'end_time' !~ '^[0-9]'
+          OR e.elem ->> 'start_time' !~ sessiontag._iso_time_pattern()
+          OR e.elem ->> 'end_time' !~ sessiontag._iso_time_pattern()
           OR s.cost_usd = 'NaN'
           OR s.trace_id ~ '[[:space:][:cntrl:]]' OR s.span_id ~ '[[:space:][:cntrl:]]'
           OR s.parent_span_id ~ '[[:space:][:cntrl:]]' OR s.parent_span_id = s.span_id
@@ -244,9 +320,10 @@ BEGIN
         RETURN ROW(field, format('must be a JSON string, got %s %s', jsonb_typeof(_element_problem.elem -> field),
                                  _element_problem.elem -> field), '22023')::sessiontag._problem;
     END IF;
-    -- Only a date: PostgreSQL's words ('now', 'yesterday', 'epoch', ...) are no span's time.
+    -- Only an ISO 8601 time: PostgreSQL's words ('now', 'yesterday', 'epoch', ...) and
+    -- other forms it reads are no span's time.
     FOREACH field IN ARRAY ARRAY['start_time', 'end_time'] LOOP
-        IF _element_problem.elem ->> field !~ '^[0-9]' THEN
+        IF _element_problem.elem ->> field !~ sessiontag._iso_time_pattern() THEN
             RETURN ROW(field, format('must be an ISO 8601 time, got %s', _element_problem.elem -> field),
                        '22007')::sessiontag._problem;
         END IF;
@@ -467,4 +544,5 @@ BEGIN
 END
 $$;
 
+REVOKE ALL ON FUNCTION sessiontag._iso_time_pattern() FROM PUBLIC;
 REVOKE ALL ON FUNCTION sessiontag._span_text_fields() FROM PUBLIC;
