@@ -1003,6 +1003,7 @@ DECLARE
     err_state text;
     err_message text;
     idx integer;
+    fresh_conversation record;
 BEGIN
     IF ingest_otlp.payload IS NULL THEN
         RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed', COLUMN = 'payload';
@@ -1082,15 +1083,35 @@ BEGIN
     FROM (SELECT e.f, e.n, coalesce((e.f -> 'attrs' ->> 'user.id')::uuid, ingest_otlp.default_user_id) AS user_id
           FROM jsonb_array_elements(flat) WITH ORDINALITY AS e(f, n)) x;
 
-    -- Conversations seen for the first time, with the model of their earliest span.
-    INSERT INTO sessiontag.conversations AS c (user_id, external_id, llm_model_id)
-    SELECT DISTINCT ON (1, 2) (e.f ->> 'user_id')::uuid, e.f ->> 'external_id', (e.f ->> 'model_id')::uuid
-    FROM jsonb_array_elements(flat) AS e(f)
-    WHERE e.f ->> 'external_id' IS NOT NULL
-      AND NOT EXISTS (SELECT FROM sessiontag.conversations v
-                      WHERE v.user_id = (e.f ->> 'user_id')::uuid AND v.external_id = e.f ->> 'external_id')
-    ORDER BY 1, 2, e.f ->> 'model_id' IS NULL, sessiontag._otlp_time(e.f -> 'span' -> 'startTimeUnixNano')
-    ON CONFLICT ON CONSTRAINT conversations_user_id_external_id_key DO NOTHING;
+    -- Conversations seen for the first time, with the model of their earliest span. One
+    -- of a tracked model is inserted untagged and then tagged by ensure_session_tag, under
+    -- its row lock: a concurrent export that inserts the same conversation waits for this
+    -- one and skips its row, and as it took no number for it, no number is lost.
+    FOR fresh_conversation IN
+        WITH fresh AS (
+            SELECT DISTINCT ON (1, 2) (e.f ->> 'user_id')::uuid AS user_id, e.f ->> 'external_id' AS external_id,
+                   (e.f ->> 'model_id')::uuid AS model_id
+            FROM jsonb_array_elements(flat) AS e(f)
+            WHERE e.f ->> 'external_id' IS NOT NULL
+              AND NOT EXISTS (SELECT FROM sessiontag.conversations v
+                              WHERE v.user_id = (e.f ->> 'user_id')::uuid AND v.external_id = e.f ->> 'external_id')
+            ORDER BY 1, 2, e.f ->> 'model_id' IS NULL, sessiontag._otlp_time(e.f -> 'span' -> 'startTimeUnixNano')
+        ), created AS (
+            INSERT INTO sessiontag.conversations AS c (user_id, external_id, llm_model_id)
+            SELECT f.user_id, f.external_id, CASE WHEN m.tracked THEN NULL ELSE f.model_id END
+            FROM fresh f LEFT JOIN sessiontag.llm_models m ON m.id = f.model_id
+            ORDER BY f.user_id, f.external_id
+            ON CONFLICT ON CONSTRAINT conversations_user_id_external_id_key DO NOTHING
+            RETURNING c.user_id, c.id, c.external_id
+        )
+        SELECT x.user_id, x.id, f.model_id
+        FROM created x JOIN fresh f ON f.user_id = x.user_id AND f.external_id = x.external_id
+        JOIN sessiontag.llm_models m ON m.id = f.model_id AND m.tracked
+        ORDER BY x.user_id, f.model_id, x.id
+    LOOP
+        PERFORM sessiontag.ensure_session_tag(fresh_conversation.id, fresh_conversation.model_id,
+                                              fresh_conversation.user_id);
+    END LOOP;
 
     SELECT jsonb_agg(jsonb_build_object(
                'user_id', o.f -> 'user_id',

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -131,6 +133,44 @@ def test_bad_requests_name_the_place_and_store_nothing(conn, model, mutate, sqls
     assert info.value.sqlstate == sqlstate
     assert info.value.diag.message_primary.startswith(message), info.value.diag.message_primary
     assert counts(conn) == (0, 0, 0), "nothing stored, not even the new conversation"
+
+
+def test_concurrent_exports_of_one_new_conversation_make_one_session(dsn):
+    """8 exporters send spans of the same new conversation at once, naming a registered
+    model or one sessiontag does not know: one conversation, every span on it, and no
+    session number lost to the exporters whose conversation insert was skipped (a new
+    conversation is inserted untagged, then tagged under its row lock)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        model = conn.execute("SELECT sessiontag.register_model('GPT-4o', 'openai', 'gpt-4o')").fetchone()[0]
+    user, barrier, errors = str(uuid.uuid4()), threading.Barrier(8), []
+
+    def exporter(i):
+        payload = request(span(f"{i:016x}", "chat", {"gen_ai.conversation.id": "shared-chat",
+                                                     "gen_ai.request.model": "gpt-4o" if i % 2 else "local-llm"}),
+                          resource={"user.id": user})
+        try:
+            with psycopg.connect(dsn) as c:
+                barrier.wait()
+                ingest(c, payload)
+                time.sleep(0.05)  # hold the new conversation uncommitted: the others must wait for it
+                c.commit()
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=exporter, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == []
+    with psycopg.connect(dsn) as conn:
+        (conversation, tag, number), = conn.execute(
+            "SELECT id, session_id, session_counter FROM sessiontag.conversations").fetchall()
+        assert conn.execute("SELECT count(*), count(DISTINCT conversation_id), min(conversation_id::text)"
+                            " FROM sessiontag.llm_traces").fetchone() == (8, 1, str(conversation))
+        counter = conn.execute("SELECT coalesce(max(last_value), 0) FROM sessiontag.session_counters"
+                               " WHERE model_id = %s", [model]).fetchone()[0]
+        assert counter == (number or 0) and number in (None, 1), (tag, number, counter)
+        assert conn.execute("SELECT count(DISTINCT session_tag) FROM sessiontag.llm_traces").fetchone()[0] == (
+            1 if tag else 0)
 
 
 def test_no_user_anywhere_is_refused(conn):
