@@ -63,15 +63,18 @@ AS $$
                  'model_provider', 'session_tag', 'status', 'error_message', 'message_id']
 $$;
 
--- An ISO 8601 date or time as ingest_traces takes it: 2026-11-24, 2026-11-24T09:30:00Z,
--- 2026-11-24 09:30:00.123456+01:00 (a time without offset is in the session's TimeZone).
+-- How a time in ingest_traces begins: an ISO 8601 date (2026-11-24, 2026-11-24T09:30:00Z,
+-- 2026-11-24 09:30:00.123456+01:00; without an offset, in the session's TimeZone). So no
+-- PostgreSQL word ('now', 'yesterday', 'epoch', ...) and no form whose meaning depends on
+-- DateStyle ('1/2/2026'). Only the start is matched: the cast checks the rest, and a full
+-- pattern would cost ingest_traces several percent.
 CREATE FUNCTION sessiontag._iso_time_pattern()
 RETURNS text
 LANGUAGE sql
 IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT '^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}([.,][0-9]+)?)?)?(Z|z|[+-][0-9]{2}(:?[0-9]{2})?)?$'
+    SELECT '^[0-9]{4}-[0-9]{2}-[0-9]{2}'
 $$;
 
 -- An OpenTelemetry-style id: 1 to 128 characters, no whitespace or control characters
