@@ -258,6 +258,7 @@ BEGIN
     -- reordered). Mirrors _element_problem where no constraint of llm_traces does.
     WHERE CASE
         WHEN e.elem - sessiontag._span_fields() <> '{}'::jsonb
+          -- _span_text_fields(), written out: a subquery over it per row would cost more.
           OR jsonb_typeof(e.elem -> 'trace_id') NOT IN ('string', 'null')
           OR jsonb_typeof(e.elem -> 'span_id') NOT IN ('string', 'null')
           OR jsonb_typeof(e.elem -> 'parent_span_id') NOT IN ('string', 'null')
