@@ -8,6 +8,9 @@
    (a member of sessiontag_app, not a superuser), as in production.
 2. Latency of create_conversation on a key with 200k earlier conversations against a key
    with none. Goal: within 1.2x (no scan of history).
+3. Bulk numbering: the cost per conversation of one INSERT ... SELECT of 100k
+   conversations of one (user, model) against one of 1k. Goal: <= 1.3 (no cost grows
+   with how many the transaction already numbered).
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from pathlib import Path
 
 import psycopg
 
-from bench.common import migrated_database, report
+from bench.common import best_of, migrated_database, report
 from sessiontag.embedded import bindir
 
 SECONDS = 10
 CLIENTS = 16
 HISTORY = 200_000
+BULK_SMALL, BULK_LARGE = 1_000, 100_000
 
 
 def pgbench(dsn: str, script: str, clients: int, seconds: int) -> dict:
@@ -102,6 +106,16 @@ def main() -> list[dict]:
             deep.append(pgbench(as_app(dsn), f"SELECT sessiontag.create_conversation('{deep_user}'::uuid, '{model}'::uuid);\n",
                                 1, 5)["latency_ms"])
         results.append(report(f"tag latency ms, {HISTORY:,} earlier vs none", min(deep), min(fresh), "<= 1.2", False))
+
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            def bulk(n: int) -> None:
+                conn.execute("INSERT INTO sessiontag.conversations (user_id, llm_model_id)"
+                             " SELECT %s, %s FROM generate_series(1, %s)", [uuid.uuid4(), model, n])
+
+            small = best_of(5, lambda: bulk(BULK_SMALL)) / BULK_SMALL
+            large = best_of(2, lambda: bulk(BULK_LARGE)) / BULK_LARGE
+        results.append(report(f"bulk numbering us per conversation, {BULK_LARGE:,} in one INSERT ... SELECT vs"
+                              f" {BULK_SMALL:,}", large * 1e6, small * 1e6, "<= 1.3", False))
     return results
 
 

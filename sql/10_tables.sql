@@ -45,6 +45,13 @@ COMMENT ON TABLE sessiontag.conversations IS 'Chat conversations; session_id is 
 CREATE INDEX idx_conversations_id ON sessiontag.conversations (id);
 -- session_badge finds a tag without knowing its user.
 CREATE INDEX idx_conversations_session_id ON sessiontag.conversations (session_id);
+-- The highest number of a (user, model), for the next one; unique, so no number is ever
+-- on two conversations of one key.
+CREATE UNIQUE INDEX idx_conversations_number ON sessiontag.conversations (user_id, llm_model_id, session_counter)
+    WHERE session_counter IS NOT NULL;
+-- The untagged conversations of a (user, model) in creation order, for the backfill.
+CREATE INDEX idx_conversations_untagged ON sessiontag.conversations (user_id, llm_model_id, created_at, id)
+    WHERE session_id IS NULL;
 
 CREATE TABLE sessiontag.llm_traces (
     id             uuid        NOT NULL DEFAULT gen_random_uuid(),
@@ -86,13 +93,24 @@ CREATE INDEX idx_llm_traces_session_tag ON sessiontag.llm_traces (session_tag, s
 CREATE INDEX idx_llm_traces_user_session ON sessiontag.llm_traces (user_id, session_tag);
 CREATE INDEX idx_llm_traces_conversation ON sessiontag.llm_traces (user_id, conversation_id);
 
--- Next session number per (user, model). One row per key, updated in the caller's
--- transaction: its row lock serializes callers of one key only, and a rollback gives
--- the number back, so numbers are gapless among committed conversations.
+-- One row per (user, model) that has numbered sessions: the key's lock, and the numbers
+-- that no conversation holds. The next number is one more than the greater of
+-- last_value and the highest number on the key's conversations (found through
+-- idx_conversations_number, O(log n)), so a conversation that is never stored (a
+-- rollback, a savepoint rolled back, a row ON CONFLICT skips) takes no number, and a
+-- transaction numbering many conversations never rewrites this row once per number.
+-- last_value keeps numbers handed out without a conversation (generate_session_tag) and
+-- those of deleted conversations (trigger _300_keep_numbers), so none is used twice.
+-- last_xact marks the transaction that holds the key: the first take of a transaction
+-- writes it (locking the row until the transaction ends, so callers of one key queue and
+-- callers of other keys do not); later takes of the same transaction see their mark.
 CREATE TABLE sessiontag.session_counters (
     user_id    uuid   NOT NULL,
     model_id   uuid   NOT NULL REFERENCES sessiontag.llm_models (id),
     last_value bigint NOT NULL CHECK (last_value >= 0),
+    last_xact  xid8,
     PRIMARY KEY (user_id, model_id)
 );
-COMMENT ON TABLE sessiontag.session_counters IS 'Last session number taken per (user, model); written only by sessiontag functions';
+-- A tag handed out but not used yet, for session_badge: the counters of a model by number.
+CREATE INDEX idx_session_counters_model ON sessiontag.session_counters (model_id, last_value);
+COMMENT ON TABLE sessiontag.session_counters IS 'Per (user, model): the lock of its numbering and the numbers no conversation holds; written only by sessiontag functions';

@@ -871,7 +871,7 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    scoped uuid := sessiontag._scoped_user();
+    scoped uuid := sessiontag._check_user();
     other bigint;
     n integer;
     stored integer;
@@ -930,6 +930,8 @@ $$;
 
 -- Trigger on conversations: when a conversation gets its tag, the traces recorded before
 -- (while it had none) get it too, so every trace of a conversation carries its tag.
+-- sessiontag's own functions tag a conversation by writing session_counter (the _100_tag
+-- trigger writes session_id from it), hence the two columns the trigger watches.
 -- SECURITY DEFINER: nobody else writes llm_traces.session_tag.
 CREATE FUNCTION sessiontag._conversations_trace_tags()
 RETURNS trigger
@@ -945,7 +947,7 @@ END
 $$;
 
 CREATE TRIGGER _200_trace_tags
-    AFTER UPDATE OF session_id ON sessiontag.conversations
+    AFTER UPDATE OF session_id, session_counter ON sessiontag.conversations
     FOR EACH ROW WHEN (OLD.session_id IS NULL AND NEW.session_id IS NOT NULL)
     EXECUTE FUNCTION sessiontag._conversations_trace_tags();
 

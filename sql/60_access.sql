@@ -32,10 +32,12 @@ $$;
 -- The user the calling role is confined to: NULL for an unrestricted caller (the owner,
 -- a superuser or BYPASSRLS role, sessiontag_app, sessiontag_reader), the setting
 -- sessiontag.user_id for a member of sessiontag_user; raises 42501 for a member of
--- sessiontag_user when the setting is missing. The calling role is the outer one (SET
+-- sessiontag_user when the setting is missing, and when user_id is given and is another
+-- user (NULL is left to the caller's own checks). The calling role is the outer one (SET
 -- ROLE's, else the session's): inside a SECURITY DEFINER function current_user is the
--- owner.
-CREATE FUNCTION sessiontag._scoped_user()
+-- owner. Every write path runs it, so it is written for speed: the common unrestricted
+-- caller costs one simple expression (a test with a subquery would run the executor).
+CREATE FUNCTION sessiontag._check_user(user_id uuid DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql
 STABLE
@@ -44,13 +46,16 @@ AS $$
 DECLARE
     caller text := current_setting('role');
     setting text;
+    scoped uuid;
 BEGIN
     IF caller = 'none' THEN
         caller := session_user;
     END IF;
-    -- pg_has_role is true for superusers, hence the second test.
-    IF NOT pg_has_role(caller, 'sessiontag_user', 'USAGE')
-       OR EXISTS (SELECT FROM pg_roles r WHERE r.rolname = caller AND (r.rolsuper OR r.rolbypassrls)) THEN
+    IF NOT pg_has_role(caller, 'sessiontag_user', 'USAGE') THEN
+        RETURN NULL;
+    END IF;
+    -- pg_has_role is true for superusers; they, and BYPASSRLS roles, are unrestricted.
+    IF EXISTS (SELECT FROM pg_roles r WHERE r.rolname = caller AND (r.rolsuper OR r.rolbypassrls)) THEN
         RETURN NULL;
     END IF;
     setting := nullif(current_setting('sessiontag.user_id', true), '');
@@ -63,22 +68,8 @@ BEGIN
         RAISE EXCEPTION 'sessiontag.user_id must be a user uuid, got %', quote_literal(setting)
             USING ERRCODE = 'invalid_text_representation';
     END IF;
-    RETURN setting::uuid;
-END
-$$;
-
--- Raises 42501 when a user-scoped caller names another user than its own (NULL is left
--- to the caller's own checks); returns _scoped_user().
-CREATE FUNCTION sessiontag._check_user(user_id uuid)
-RETURNS uuid
-LANGUAGE plpgsql
-STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    scoped uuid := sessiontag._scoped_user();
-BEGIN
-    IF scoped IS NOT NULL AND _check_user.user_id <> scoped THEN
+    scoped := setting::uuid;
+    IF _check_user.user_id <> scoped THEN
         RAISE EXCEPTION 'user_id % is not the user of this session (sessiontag.user_id)', _check_user.user_id
             USING ERRCODE = 'insufficient_privilege', COLUMN = 'user_id';
     END IF;
@@ -114,7 +105,9 @@ GRANT EXECUTE ON FUNCTION
     sessiontag.session_summary(text, uuid),
     sessiontag.compare_models(uuid, uuid[], timestamptz, timestamptz),
     -- the pure helpers the reads call as their caller
-    sessiontag._pad_counter(bigint),
+    sessiontag._format_tag(text, bigint),
+    sessiontag._tag_parts(text),
+    sessiontag._handed_out(uuid, bigint, uuid),
     sessiontag._badge(text, text, bigint),
     sessiontag._encode_cursor(timestamptz, uuid, uuid),
     sessiontag._decode_cursor(text, text),
@@ -142,6 +135,14 @@ GRANT EXECUTE ON FUNCTION
     sessiontag._otlp_attributes(jsonb),
     sessiontag._otlp_time(jsonb)
     TO sessiontag_app, sessiontag_user;
+-- The backfill (see docs/sql-api.md): numbering conversations of any user is the
+-- trusted backend's, or the DBA's.
+GRANT EXECUTE ON FUNCTION
+    sessiontag.count_untagged_conversations(uuid, uuid)
+    TO sessiontag_app, sessiontag_reader;
+GRANT EXECUTE ON FUNCTION
+    sessiontag.tag_untagged_conversations(uuid, uuid, integer)
+    TO sessiontag_app;
 -- Models.
 GRANT EXECUTE ON FUNCTION
     sessiontag.register_model(text, text, text, uuid, uuid),

@@ -12,6 +12,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from tests.conftest import drop_database, new_database
+from tests.numbers import numbers_total
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)
 TABLES = ["llm_models", "conversations", "llm_traces", "session_counters"]
@@ -105,8 +106,7 @@ def bob_state(admin, s) -> dict:
 
 def counts(admin) -> dict:
     return {t: admin.execute(f"SELECT count(*) FROM sessiontag.{t}").fetchone()[0] for t in TABLES} | {
-        "counter_sum": admin.execute("SELECT coalesce(sum(last_value), 0) FROM sessiontag.session_counters")
-        .fetchone()[0]}
+        "counter_sum": numbers_total(admin)}
 
 
 def refused(conn, query: str, params=(), sqlstate: str = "42501", match: str | None = None) -> str:
@@ -168,7 +168,8 @@ def test_no_function_or_table_is_granted_to_public_and_only_definers_are_the_wri
         WHERE pronamespace = 'sessiontag'::regnamespace AND prosecdef""")}
     assert definers == {"generate_session_tag", "generate_session_tags", "ensure_session_tag", "start_trace",
                         "end_trace", "record_trace", "ingest_traces", "_conversations_tag",
-                        "_conversations_trace_tags", "_llm_models_short_id"}
+                        "_conversations_trace_tags", "_llm_models_short_id", "_conversations_keep_numbers",
+                        "_handed_out", "tag_untagged_conversations"}
     unpinned = rows(admin, """SELECT oid::regprocedure::text FROM pg_proc
         WHERE pronamespace = 'sessiontag'::regnamespace
           AND NOT coalesce(proconfig, '{}') @> '{"search_path=pg_catalog, pg_temp"}'""")
@@ -196,14 +197,14 @@ def test_privilege_matrix(env, admin):
                   AND has_table_privilege(%s, oid, 'DELETE, TRUNCATE')""", [role])}
 
     reads = {"model_id", "list_models", "session_badge", "list_traces", "get_trace", "list_sessions",
-             "session_summary", "compare_models", "_pad_counter", "_badge", "_encode_cursor", "_decode_cursor",
-             "_check_page_size", "_check_range", "_summarize"}
+             "session_summary", "compare_models", "_badge", "_encode_cursor", "_decode_cursor",
+             "_check_page_size", "_check_range", "_summarize", "_format_tag", "_tag_parts", "_handed_out"}
     user = reads | {"generate_session_tag", "generate_session_tags", "create_conversation", "ensure_session_tag",
                     "set_analytics_tracking", "start_trace", "end_trace", "record_trace", "ingest_traces",
                     "_lock_conversation", "ingest_otlp", "_otlp_attributes", "_otlp_time"}
-    app = user | {"register_model", "set_model_tracking"}
+    app = user | {"register_model", "set_model_tracking", "count_untagged_conversations", "tag_untagged_conversations"}
     names = {k: v[0] for k, v in env.roles.items()}
-    assert executable(names["reader"]) == reads
+    assert executable(names["reader"]) == reads | {"count_untagged_conversations"}
     assert executable(names["alice"]) == user
     assert executable(names["app"]) == app
     assert executable(names["nobody"]) == set()
@@ -229,7 +230,7 @@ def test_public_is_refused_every_table_and_function(env, admin, seed):
             refused(conn, f"DELETE FROM sessiontag.{table}")
         for call in WRITE_CALLS + READ_CALLS:
             refused(conn, fill(call, seed))
-        for name in ("_take_counter(%s, %s)", "_next_free_short_id(%s)"):
+        for name in ("_lock_numbers(%s, %s)", "_reserve_numbers(%s, %s, 1)", "_next_free_short_id(%s)"):
             refused(conn, f"SELECT sessiontag.{name}", [seed["bob"], seed["shared"]][: name.count("%s")])
     assert counts(admin) == before
 
@@ -493,7 +494,8 @@ def test_app_acts_for_any_user_but_never_writes_counters_short_ids_or_tags_direc
                       " VALUES (%s, 't', 's', 'n', %s)", [bob, tag])
         refused(conn, "UPDATE sessiontag.llm_traces SET session_tag = 'x'")
         refused(conn, "SELECT * FROM sessiontag.session_counters")
-        refused(conn, "SELECT sessiontag._take_counter(%s, %s)", [bob, model])
+        refused(conn, "SELECT sessiontag._lock_numbers(%s, %s)", [bob, model])
+        refused(conn, "SELECT sessiontag._reserve_numbers(%s, %s, 1)", [bob, model])
         refused(conn, "SELECT sessiontag._next_free_short_id(%s)", [model])
         refused(conn, "SELECT sessiontag._record_span(true, %s, 't', 's', 'n', 'llm_call', NULL, NULL, NULL, NULL,"
                       " NULL, 'forged', NULL, NULL, now(), 'success', NULL, NULL, NULL, NULL, NULL, now(), NULL)",

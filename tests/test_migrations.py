@@ -165,9 +165,9 @@ def test_verify_passes_on_a_migrated_database(dsn):
 def test_verify_catches_dropped_index_and_altered_function(dsn):
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP INDEX sessiontag.idx_llm_traces_session_tag")
-        conn.execute("""CREATE OR REPLACE FUNCTION sessiontag._pad_counter(counter bigint) RETURNS text
-                        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
-                        AS $$ SELECT counter::text $$""")
+        conn.execute("""CREATE OR REPLACE FUNCTION sessiontag._format_tag(short_id text, counter bigint) RETURNS text
+                        LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+                        AS $$ BEGIN RETURN counter::text; END $$""")
         conn.execute("ALTER TABLE sessiontag.conversations ADD COLUMN extra int")
         conn.execute("ALTER TABLE sessiontag.conversations DISABLE TRIGGER _100_tag")
         conn.execute("ALTER TABLE sessiontag.conversations ENABLE REPLICA TRIGGER _200_trace_tags")
@@ -175,7 +175,8 @@ def test_verify_catches_dropped_index_and_altered_function(dsn):
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert "missing index idx_llm_traces_session_tag" in lines
-    assert any(line.startswith("changed function _pad_counter(counter bigint): ") and "body" in line for line in lines)
+    assert any(line.startswith("changed function _format_tag(short_id text, counter bigint): ") and "body" in line
+               for line in lines)
     assert "extra column conversations.extra" in lines
     assert "changed trigger conversations._100_tag: enabled: 'yes' -> 'no'" in lines
     assert "changed trigger conversations._200_trace_tags: enabled: 'yes' -> 'replica only'" in lines

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from sessiontag import Client, DatabaseError
+from tests.numbers import last_numbers, numbers_total
 
 
 def register(conn, name="GPT-4o", key=None, owner=None, id=None) -> uuid.UUID:
@@ -28,7 +29,7 @@ def sqlstate_of(conn, query, params=()) -> tuple[str, str]:
 
 def counts(conn) -> tuple[int, int]:
     return (conn.execute("SELECT count(*) FROM sessiontag.conversations").fetchone()[0],
-            conn.execute("SELECT coalesce(sum(last_value), 0) FROM sessiontag.session_counters").fetchone()[0])
+            numbers_total(conn))
 
 
 # -- models ---------------------------------------------------------------------------
@@ -438,7 +439,7 @@ def _assert_gapless(dsn, committed):
         rows = conn.execute("SELECT user_id, llm_model_id, array_agg(session_counter ORDER BY session_counter),"
                             " count(DISTINCT session_id) FROM sessiontag.conversations"
                             " WHERE session_id IS NOT NULL GROUP BY 1, 2").fetchall()
-        last = {(u, m): v for u, m, v in conn.execute("SELECT user_id, model_id, last_value FROM sessiontag.session_counters")}
+        last = last_numbers(conn)
     assert {(u, m): len(nums) for u, m, nums, _ in rows} == dict(committed)
     for user, model, numbers, distinct in rows:
         assert numbers == list(range(1, len(numbers) + 1)), "gapless from 1"

@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 from sessiontag import Client, DatabaseError, migrate
 from tests.conftest import drop_database, new_database
 from tests.test_migrations import _one_line_error, sessiontag_cli
+from tests.numbers import last_number, numbers_total
 
 T0 = datetime(2026, 2, 1, 9, 0, tzinfo=timezone.utc)
 
@@ -126,8 +127,7 @@ def test_first_trace_tags_an_untagged_conversation_with_the_trace_model(conn, wo
         call(conn, "record_trace", user_id=user, trace_id=f"n{i}", span_id="s", span_name="chat",
              conversation_id=conv2, model_id=model)
     assert conversation_tag(conn, conv2).endswith("_002")
-    assert conn.execute("SELECT last_value FROM sessiontag.session_counters WHERE user_id = %s AND model_id = %s",
-                        [user, model]).fetchone()[0] == 2
+    assert last_number(conn, user, model) == 2
 
 
 def test_first_trace_without_a_model_tags_with_the_conversation_model(conn, world):
@@ -299,8 +299,7 @@ def test_concurrent_retries_make_one_row_and_one_tag(dsn, conn, world):
     batch = [span(user, "b", f"s{i}", conversation_id=str(conv)) for i in range(50)]
     stored = _concurrently(dsn, 6, lambda c: ingest(c, batch))
     assert sum(stored) == 50 and count(conn) == 52
-    assert conn.execute("SELECT last_value FROM sessiontag.session_counters WHERE user_id = %s",
-                        [user]).fetchone()[0] == 1
+    assert last_number(conn, user) == 1
     assert set(tags_of(conn, conv)) == {conversation_tag(conn, conv)}
 
 
@@ -348,7 +347,7 @@ def _state(c) -> tuple:
     """What a failed call must leave unchanged: the traces, the tags and the counters."""
     return (c.execute("SELECT count(*), max(end_time) FROM sessiontag.llm_traces").fetchone(),
             c.execute("SELECT count(session_id) FROM sessiontag.conversations").fetchone(),
-            c.execute("SELECT coalesce(sum(last_value), 0) FROM sessiontag.session_counters").fetchone())
+            numbers_total(c))
 
 
 START = dict(trace_id="t", span_id="s", span_name="chat")
@@ -484,8 +483,7 @@ def test_ingest_of_10k_spans_tags_every_span_and_each_new_conversation_once(conn
                         ).fetchone()[0] == 10_000
     assert sorted(conn.execute("SELECT session_counter FROM sessiontag.conversations WHERE id = ANY(%s)",
                                [untagged]).fetchall()) == [(7,), (8,), (9,), (10,)]
-    assert conn.execute("SELECT last_value FROM sessiontag.session_counters WHERE user_id = %s AND model_id = %s",
-                        [user, model]).fetchone()[0] == 10
+    assert last_number(conn, user, model) == 10
     assert conn.execute("SELECT sum(duration_ms), sum(input_tokens) FROM sessiontag.llm_traces").fetchone() == (
         2_500_000.0, sum(i % 500 for i in range(10_000)))
     assert conversation_tag(conn, off) is not None and count(conn, "conversation_id = %s", [off]) == 0

@@ -156,6 +156,18 @@ class Client:
     def session_badge(self, session_id: str, user_id: UUID | str | None = None) -> str | None:
         return self._scalar("session_badge", dict(session_id=session_id, user_id=user_id), required=("session_id",))
 
+    def count_untagged_conversations(self, user_id: UUID | str | None = None,
+                                     model_id: UUID | str | None = None) -> int:
+        """How many untagged conversations of tracked models the backfill has left."""
+        return self._scalar("count_untagged_conversations", dict(user_id=user_id, model_id=model_id))
+
+    def tag_untagged_conversations(self, user_id: UUID | str | None = None, model_id: UUID | str | None = None,
+                                   batch_size: int | None = None) -> int:
+        """Numbers one batch of untagged conversations of tracked models; returns how many
+        (0: none left). Commit after each call: a batch is one transaction."""
+        return self._scalar("tag_untagged_conversations", dict(user_id=user_id, model_id=model_id,
+                                                               batch_size=batch_size))
+
     def set_analytics_tracking(self, conversation_id: UUID | str, enabled: bool,
                                user_id: UUID | str | None = None) -> bool:
         return self._scalar("set_analytics_tracking", dict(conversation_id=conversation_id, enabled=enabled,

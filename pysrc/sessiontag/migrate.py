@@ -92,6 +92,20 @@ def states(dsn: str) -> list[MigrationState]:
     return [MigrationState(m.id, m.hash in applied, when.get(m.id)) for m in migrations]
 
 
+def require(dsn: str, migration_id: str, purpose: str) -> None:
+    """Raises, naming what is missing, unless migration_id and those before it are applied.
+    A role that may not read the history (sessiontag_reader) is let through: the call
+    itself will then say what is missing."""
+    try:
+        found = states(dsn)
+    except HistoryUnreadable:
+        return
+    needed = [s.id for s in found[:[s.id for s in found].index(migration_id) + 1] if not s.applied]
+    if needed:
+        raise SessiontagError(f"{purpose} needs migration{'s' if len(needed) > 1 else ''} {', '.join(needed)}, "
+                              "not applied to this database: run 'sessiontag migrate' first")
+
+
 def apply(dsn: str, to: str | None = None) -> list[str]:
     """Apply pending migrations (up to and including ``to``); returns the ids applied."""
     migrations = _all_migrations()

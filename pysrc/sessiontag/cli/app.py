@@ -4,9 +4,11 @@ stderr and an exit status."""
 
 from __future__ import annotations
 
+import io
 import os
 import shlex
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from uuid import UUID
 
@@ -64,6 +66,32 @@ def format_option(f):
 
 def emit(rows, fmt: str, columns: list[str] | None = None) -> None:
     click.echo(render(rows, fmt, columns))
+
+
+def progress_option(f):
+    return click.option("--progress/--no-progress", "show_progress", default=None,
+                        help="Progress on stderr: a bar on a terminal, else a line per batch (default: on a"
+                             " terminal).")(f)
+
+
+@contextmanager
+def progress(total: int, label: str, noun: str, show: bool | None):
+    """Progress of long work on stderr: a bar on a terminal; elsewhere, with --progress, one
+    line per step ('label: 3000 of 9000 noun'); nothing with --no-progress. Yields
+    advance(n), to call after each step with how many items it did."""
+    show = sys.stderr.isatty() if show is None else show
+    on_terminal = show and sys.stderr.isatty()
+    done = 0
+    with click.progressbar(length=max(total, 1), label=label,
+                           file=sys.stderr if on_terminal else io.StringIO()) as bar:
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            bar.update(n)
+            if show and not on_terminal:
+                click.echo(f"{label}: {done} of {total} {noun}", err=True)
+
+        yield advance
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -3,17 +3,15 @@ reading of that JSON: every value is checked before anything is sent."""
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import sys
 from decimal import Decimal
 
 import click
 
 from ..client import Client
 from ..errors import DatabaseError, SessiontagError
-from .app import USER_ID, Interrupted, State, cli, pass_state  # Interrupted is in app.py: main maps it
+from .app import USER_ID, Interrupted, State, cli, pass_state, progress, progress_option  # Interrupted is in app.py: main maps it
 
 
 class NotANumber(str):
@@ -141,24 +139,23 @@ def _stored_line(stored: int, total: int, kind: str = "") -> str:
 @click.argument("source", metavar="FILE|-", type=click.File("r", encoding="utf-8-sig"))
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=1000, show_default=True,
               help="Spans per ingest_traces call.")
-@click.option("--progress/--no-progress", default=None,
-              help="Progress on stderr: a bar on a terminal, else a line per batch (default: on a terminal).")
+@progress_option
 @click.option("--default-user", "default_user_id", type=USER_ID,
               help="OTLP only: the user of spans without a user.id attribute.")
 @pass_state
-def ingest_cmd(state: State, source, batch_size: int, progress: bool | None, default_user_id) -> None:
+def ingest_cmd(state: State, source, batch_size: int, show_progress: bool | None, default_user_id) -> None:
     """Store the spans of FILE (- reads standard input): a JSON array, or JSON lines (one
     span per line), keyed by record_trace's parameter names; status running and no
     end_time for a span still open; or an OTLP/JSON ExportTraceServiceRequest (an
     OpenTelemetry export). All or nothing: on bad input nothing is stored and the error
     names the line (or array index, or OTLP path) and the field."""
     try:
-        click.echo(_ingest(state, source, batch_size, progress, default_user_id))
+        click.echo(_ingest(state, source, batch_size, show_progress, default_user_id))
     except KeyboardInterrupt:
         raise Interrupted("interrupted; nothing was stored") from None
 
 
-def _ingest(state: State, source, batch_size: int, progress: bool | None, default_user_id) -> str:
+def _ingest(state: State, source, batch_size: int, show_progress: bool | None, default_user_id) -> str:
     """Stores the file in one transaction; returns the summary line."""
     try:
         text = source.read()
@@ -179,8 +176,7 @@ def _ingest(state: State, source, batch_size: int, progress: bool | None, defaul
                 raise SessiontagError(f"{message}; nothing was stored") from None
             summary = _stored_line(stored, _otlp_span_count(otlp), " (OTLP)")
         else:
-            summary = _ingest_spans(client, documents, batch_size,
-                                    sys.stderr.isatty() if progress is None else progress)
+            summary = _ingest_spans(client, documents, batch_size, show_progress)
         try:
             client.conn.commit()
         except KeyboardInterrupt:
@@ -188,10 +184,9 @@ def _ingest(state: State, source, batch_size: int, progress: bool | None, defaul
     return summary
 
 
-def _ingest_spans(client: Client, documents: list[tuple], batch_size: int, show: bool) -> str:
-    bar_file = sys.stderr if show and sys.stderr.isatty() else io.StringIO()  # else a line per batch
+def _ingest_spans(client: Client, documents: list[tuple], batch_size: int, show: bool | None) -> str:
     stored, total = 0, len(documents)
-    with click.progressbar(length=total, label="ingesting", file=bar_file) as bar:
+    with progress(total, "ingesting", "spans sent", show) as advance:
         for start in range(0, total, batch_size):
             batch = documents[start:start + batch_size]
             try:
@@ -203,7 +198,5 @@ def _ingest_spans(client: Client, documents: list[tuple], batch_size: int, show:
                 location = batch[int(match.group(1))][2]
                 raise SessiontagError(f"{_at(location, match.group(3), match.group(2) == '.')}; nothing was stored") \
                     from None
-            bar.update(len(batch))
-            if show and bar_file is not sys.stderr:
-                click.echo(f"ingesting: {start + len(batch)} of {total} spans sent", err=True)
+            advance(len(batch))
     return _stored_line(stored, total)
