@@ -17,9 +17,9 @@ CREATE TYPE sessiontag._problem AS (
     sqlstate text
 );
 
--- Raises p ("field problem", or "prefix.field: problem" when prefix is given) with its
--- SQLSTATE and the field as the error's column name; returns true when p is NULL, so it
--- can also guard a row inside a query.
+-- Raises p ("field problem", or with a prefix naming the span, "spans[3].field: problem"
+-- or "row 3: field: problem") with its SQLSTATE and the field as the error's column name;
+-- returns true when p is NULL, so it can also guard a row inside a query.
 CREATE FUNCTION sessiontag._raise(p sessiontag._problem, prefix text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql
@@ -31,8 +31,8 @@ BEGIN
     END IF;
     RAISE EXCEPTION USING
         MESSAGE = CASE WHEN _raise.prefix IS NULL THEN _raise.p.field || ' ' || _raise.p.problem
-                       WHEN _raise.p.field = '' THEN _raise.prefix || ': ' || _raise.p.problem
-                       ELSE _raise.prefix || '.' || _raise.p.field || ': ' || _raise.p.problem END,
+                       WHEN _raise.p.field = '' THEN rtrim(_raise.prefix, '.: ') || ': ' || _raise.p.problem
+                       ELSE _raise.prefix || _raise.p.field || ': ' || _raise.p.problem END,
         ERRCODE = _raise.p.sqlstate,
         COLUMN = _raise.p.field;
 END

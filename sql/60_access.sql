@@ -126,6 +126,8 @@ GRANT EXECUTE ON FUNCTION
     sessiontag.end_trace(uuid, text, text, text, jsonb, integer, integer, numeric, text, timestamptz),
     sessiontag.record_trace(uuid, text, text, text, text, uuid, text, uuid, text, text, text, jsonb, jsonb, timestamptz, text, jsonb, integer, integer, numeric, text, timestamptz, text),
     sessiontag.ingest_traces(jsonb),
+    sessiontag.create_span_staging(),
+    sessiontag.ingest_staged_spans(),
     sessiontag._lock_conversation(uuid, uuid)
     TO sessiontag_app, sessiontag_user;
 -- OpenTelemetry ingestion: runs as its caller, so the conversations it creates pass

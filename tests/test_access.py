@@ -137,6 +137,8 @@ WRITE_CALLS = [
     "SELECT sessiontag.record_trace({u}, 't9', 's9', 'chat')",
     "SELECT sessiontag.ingest_traces(jsonb_build_array(jsonb_build_object('user_id', {u}, 'trace_id', 't9',"
     " 'span_id', 's9', 'span_name', 'chat')))",
+    "SELECT sessiontag.create_span_staging()",
+    "SELECT sessiontag.ingest_staged_spans()",
 ]
 READ_CALLS = [
     "SELECT sessiontag.model_id('gpt-4o')",
@@ -167,7 +169,8 @@ def test_no_function_or_table_is_granted_to_public_and_only_definers_are_the_wri
     definers = {r[0] for r in rows(admin, """SELECT proname FROM pg_proc
         WHERE pronamespace = 'sessiontag'::regnamespace AND prosecdef""")}
     assert definers == {"generate_session_tag", "generate_session_tags", "ensure_session_tag", "start_trace",
-                        "end_trace", "record_trace", "ingest_traces", "_conversations_tag",
+                        "end_trace", "record_trace", "ingest_traces", "create_span_staging", "ingest_staged_spans",
+                        "_conversations_tag",
                         "_conversations_trace_tags", "_llm_models_short_id", "_conversations_keep_numbers",
                         "_handed_out", "tag_untagged_conversations"}
     unpinned = rows(admin, """SELECT oid::regprocedure::text FROM pg_proc
@@ -201,6 +204,7 @@ def test_privilege_matrix(env, admin):
              "_check_page_size", "_check_range", "_summarize", "_format_tag", "_tag_parts", "_handed_out"}
     user = reads | {"generate_session_tag", "generate_session_tags", "create_conversation", "ensure_session_tag",
                     "set_analytics_tracking", "start_trace", "end_trace", "record_trace", "ingest_traces",
+                    "create_span_staging", "ingest_staged_spans",
                     "_lock_conversation", "ingest_otlp", "_otlp_attributes", "_otlp_time"}
     app = user | {"register_model", "set_model_tracking", "count_untagged_conversations", "tag_untagged_conversations"}
     names = {k: v[0] for k, v in env.roles.items()}
