@@ -943,48 +943,35 @@ $$;
 
 -- Access control (see 60_access.sql for the design): compare_metrics reads as its
 -- caller, like compare_models, and the pure helpers run as the caller too.
-REVOKE ALL ON FUNCTION
-    sessiontag._lgamma(double precision),
-    sessiontag._beta_inc(double precision, double precision, double precision),
-    sessiontag._binom_cdf(bigint, bigint, double precision),
-    sessiontag._norm_quantile(double precision),
-    sessiontag._t_cdf(double precision, double precision),
-    sessiontag._t_quantile(double precision, double precision),
-    sessiontag._z(double precision),
-    sessiontag._wilson(bigint, bigint, double precision),
-    sessiontag._newcombe(bigint, bigint, bigint, bigint, double precision),
-    sessiontag._t_interval(double precision, double precision, bigint, double precision),
-    sessiontag._welch(double precision, double precision, bigint, double precision, double precision, bigint,
-                      double precision),
-    sessiontag._median(double precision[]),
-    sessiontag._median_interval(double precision[], double precision),
-    sessiontag._median_se(double precision[]),
-    sessiontag._median_diff(double precision[], double precision[], double precision),
-    sessiontag._min_sessions(),
-    sessiontag._verdict(double precision, double precision, boolean, bigint, bigint),
-    sessiontag.compare_metrics(uuid, uuid[], timestamptz, timestamptz, uuid, text, numeric)
-    FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION
-    sessiontag._lgamma(double precision),
-    sessiontag._beta_inc(double precision, double precision, double precision),
-    sessiontag._binom_cdf(bigint, bigint, double precision),
-    sessiontag._norm_quantile(double precision),
-    sessiontag._t_cdf(double precision, double precision),
-    sessiontag._t_quantile(double precision, double precision),
-    sessiontag._z(double precision),
-    sessiontag._wilson(bigint, bigint, double precision),
-    sessiontag._newcombe(bigint, bigint, bigint, bigint, double precision),
-    sessiontag._t_interval(double precision, double precision, bigint, double precision),
-    sessiontag._welch(double precision, double precision, bigint, double precision, double precision, bigint,
-                      double precision),
-    sessiontag._median(double precision[]),
-    sessiontag._median_interval(double precision[], double precision),
-    sessiontag._median_se(double precision[]),
-    sessiontag._median_diff(double precision[], double precision[], double precision),
-    sessiontag._min_sessions(),
-    sessiontag._verdict(double precision, double precision, boolean, bigint, bigint),
-    sessiontag.compare_metrics(uuid, uuid[], timestamptz, timestamptz, uuid, text, numeric)
-    TO sessiontag_app, sessiontag_user, sessiontag_reader;
+DO $$
+DECLARE
+    f text;
+BEGIN
+    FOREACH f IN ARRAY ARRAY[
+        'sessiontag._lgamma(double precision)',
+        'sessiontag._beta_inc(double precision, double precision, double precision)',
+        'sessiontag._binom_cdf(bigint, bigint, double precision)',
+        'sessiontag._norm_quantile(double precision)',
+        'sessiontag._t_cdf(double precision, double precision)',
+        'sessiontag._t_quantile(double precision, double precision)',
+        'sessiontag._z(double precision)',
+        'sessiontag._wilson(bigint, bigint, double precision)',
+        'sessiontag._newcombe(bigint, bigint, bigint, bigint, double precision)',
+        'sessiontag._t_interval(double precision, double precision, bigint, double precision)',
+        'sessiontag._welch(double precision, double precision, bigint, double precision, double precision, bigint, double precision)',
+        'sessiontag._median(double precision[])',
+        'sessiontag._median_interval(double precision[], double precision)',
+        'sessiontag._median_se(double precision[])',
+        'sessiontag._median_diff(double precision[], double precision[], double precision)',
+        'sessiontag._min_sessions()',
+        'sessiontag._verdict(double precision, double precision, boolean, bigint, bigint)',
+        'sessiontag.compare_metrics(uuid, uuid[], timestamptz, timestamptz, uuid, text, numeric)'
+    ] LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO sessiontag_app, sessiontag_user, sessiontag_reader', f);
+    END LOOP;
+END
+$$;
 
 -- Feedback kept by a rollback of this migration: back, for the conversations and spans
 -- still there (the others' feedback went with them, as it would have by cascade).
