@@ -437,3 +437,23 @@ def test_cli_feedback_and_compare_with_a_baseline(dsn):
             (["compare", "--baseline", "no-such-model"], "no model with name, key or id"),
             (["compare", "--baseline", "gpt-4o", "--feedback", ""], "feedback_name must not be empty")]:
         assert expected in _one_line_error(sessiontag_cli("--dsn", dsn, *args)), args
+
+
+# -- migration ----------------------------------------------------------------------------
+def test_rolling_back_0012_keeps_feedback_and_applying_again_brings_it_back(empty_dsn):
+    from sessiontag import migrate
+
+    migrate.apply(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        model, = models(conn, "GPT-4o")
+        user = uuid.uuid4()
+        with nullcontext(Client(conn)) as client:
+            conv = client.create_conversation(user, model).id
+            kept = client.record_feedback(user, "thumbs", value=1, conversation_id=conv, comment="kept")
+    assert migrate.rollback(empty_dsn, steps=1) == ["0012_ab_testing"]
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        assert one(conn, "SELECT count(*) FROM sessiontag_archive.feedback")[0] == 1
+    migrate.apply(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        assert one(conn, "SELECT id, comment FROM sessiontag.feedback") == (kept, "kept")
+        assert one(conn, "SELECT to_regnamespace('sessiontag_archive')")[0] is None
