@@ -14,18 +14,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# The main job on the local server: load a workload, then look at it three ways.
+# The main job on the local server: load a workload, look at it, and end with the A/B verdict.
 demo: install
 	$(BIN)/sessiontag db start
 	$(BIN)/sessiontag migrate
-	$(BIN)/sessiontag demo
+	$(BIN)/sessiontag demo --users 12
 	@echo; echo '$$ sessiontag sessions list --limit 10'
 	@$(BIN)/sessiontag sessions list --limit 10 2>/dev/null
-	@echo; echo '$$ sessiontag compare'
-	@$(BIN)/sessiontag compare
 	@set -- $$($(BIN)/sessiontag sessions list --limit 1 --format csv 2>/dev/null | tail -n 1 | cut -d, -f1,3 | tr , ' '); \
 	  echo; echo "\$$ sessiontag traces list --tag $$1 --user $$2"; \
 	  $(BIN)/sessiontag traces list --tag "$$1" --user "$$2" --limit 12 2>/dev/null
+	@echo; echo '$$ sessiontag compare'
+	@$(BIN)/sessiontag compare
+	@echo; echo '$$ sessiontag compare --baseline gpt-4o --feedback thumbs'
+	@$(BIN)/sessiontag compare --baseline gpt-4o --feedback thumbs
 
 test: install
 	$(BIN)/pytest -q

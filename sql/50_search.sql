@@ -242,36 +242,56 @@ CREATE TYPE sessiontag.session_summary AS (
     p95_ms          double precision,
     first_at        timestamptz,
     last_at         timestamptz,
-    cursor          text
+    cursor          text,
+    -- Feedback on the session, its traces and spans (see 70_feedback.sql): how many
+    -- rows, and per name {"count": rows, "mean": mean value or null}. Last, so that
+    -- readers of the earlier columns by position are unaffected.
+    feedback_count  bigint,
+    feedback        jsonb
 );
 
-CREATE FUNCTION sessiontag._summarize(c sessiontag.conversations)
-RETURNS sessiontag.session_summary
+-- The list_sessions rows of the conversations (user_ids[i], ids[i]), in that order: one
+-- set-based query over the keys (no call per row), so that a page costs one pass.
+CREATE FUNCTION sessiontag._summarize(user_ids uuid[], ids uuid[])
+RETURNS SETOF sessiontag.session_summary
 LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    result sessiontag.session_summary;
 BEGIN
-    SELECT _summarize.c.session_id,
-           sessiontag._badge(_summarize.c.experiment_name, _summarize.c.session_id, _summarize.c.session_counter),
-           _summarize.c.user_id, _summarize.c.id, _summarize.c.llm_model_id, _summarize.c.experiment_name,
-           _summarize.c.session_counter,
-           count(DISTINCT t.trace_id),
-           count(DISTINCT t.trace_id) FILTER (WHERE t.status = 'error'),
-           coalesce(sum(t.input_tokens), 0),
-           coalesce(sum(t.output_tokens), 0),
-           coalesce(sum(t.cost_usd), 0),
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY t.duration_ms) FILTER (WHERE t.operation_type = 'llm_call'),
-           percentile_cont(0.95) WITHIN GROUP (ORDER BY t.duration_ms) FILTER (WHERE t.operation_type = 'llm_call'),
-           coalesce(min(t.start_time), _summarize.c.created_at),
-           coalesce(max(coalesce(t.end_time, t.start_time)), _summarize.c.created_at),
-           sessiontag._encode_cursor(_summarize.c.created_at, _summarize.c.user_id, _summarize.c.id)
-    INTO result
-    FROM sessiontag.llm_traces t
-    WHERE t.user_id = _summarize.c.user_id AND t.session_tag = _summarize.c.session_id;
-    RETURN result;
+    RETURN QUERY
+    SELECT c.session_id, sessiontag._badge(c.experiment_name, c.session_id, c.session_counter),
+           c.user_id, c.id, c.llm_model_id, c.experiment_name, c.session_counter,
+           m.trace_count, m.error_count, m.input_tokens, m.output_tokens, m.cost_usd, m.p50_ms, m.p95_ms,
+           coalesce(m.first_at, c.created_at), coalesce(m.last_at, c.created_at),
+           sessiontag._encode_cursor(c.created_at, c.user_id, c.id),
+           fb.feedback_count, fb.feedback
+    FROM unnest(_summarize.user_ids, _summarize.ids) WITH ORDINALITY k(user_id, id, ord)
+    JOIN sessiontag.conversations c ON c.user_id = k.user_id AND c.id = k.id
+    CROSS JOIN LATERAL (
+        SELECT count(DISTINCT t.trace_id) AS trace_count,
+               count(DISTINCT t.trace_id) FILTER (WHERE t.status = 'error') AS error_count,
+               coalesce(sum(t.input_tokens), 0) AS input_tokens,
+               coalesce(sum(t.output_tokens), 0) AS output_tokens,
+               coalesce(sum(t.cost_usd), 0)::numeric AS cost_usd,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY t.duration_ms) FILTER (WHERE t.operation_type = 'llm_call')
+                   AS p50_ms,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY t.duration_ms) FILTER (WHERE t.operation_type = 'llm_call')
+                   AS p95_ms,
+               min(t.start_time) AS first_at,
+               max(coalesce(t.end_time, t.start_time)) AS last_at
+        FROM sessiontag.llm_traces t
+        WHERE t.user_id = c.user_id AND t.session_tag = c.session_id
+    ) m
+    CROSS JOIN LATERAL (
+        SELECT coalesce(sum(g.n), 0)::bigint AS feedback_count,
+               coalesce(jsonb_object_agg(g.name, jsonb_build_object('count', g.n, 'mean', g.mean)), '{}') AS feedback
+        FROM (SELECT f.name, count(*) AS n, avg(f.value)::double precision AS mean
+              FROM sessiontag.feedback f
+              WHERE f.user_id = c.user_id AND f.conversation_id = c.id
+              GROUP BY f.name) g
+    ) fb
+    ORDER BY k.ord;
 END
 $$;
 
@@ -294,7 +314,11 @@ DECLARE
     after_at timestamptz;
     after_user uuid;
     after_id uuid;
-    q text := 'SELECT (sessiontag._summarize(p)).* FROM (SELECT * FROM sessiontag.conversations v'
+    user_ids uuid[];
+    ids uuid[];
+    q text := 'SELECT array_agg(p.user_id ORDER BY p.created_at DESC, p.user_id DESC, p.id DESC),'
+              ' array_agg(p.id ORDER BY p.created_at DESC, p.user_id DESC, p.id DESC)'
+              ' FROM (SELECT v.user_id, v.id, v.created_at FROM sessiontag.conversations v'
               ' WHERE v.session_id IS NOT NULL';
 BEGIN
     PERFORM sessiontag._check_range(list_sessions.since, list_sessions.until);
@@ -307,10 +331,10 @@ BEGIN
     IF list_sessions.model_id IS NOT NULL THEN q := q || ' AND v.llm_model_id = $2'; END IF;
     IF list_sessions.since IS NOT NULL THEN q := q || ' AND v.created_at >= $3'; END IF;
     IF list_sessions.until IS NOT NULL THEN q := q || ' AND v.created_at < $4'; END IF;
-    q := q || ' ORDER BY v.created_at DESC, v.user_id DESC, v.id DESC LIMIT $5) p'
-              ' ORDER BY p.created_at DESC, p.user_id DESC, p.id DESC';
-    RETURN QUERY EXECUTE q USING list_sessions.user_id, list_sessions.model_id, list_sessions.since,
+    q := q || ' ORDER BY v.created_at DESC, v.user_id DESC, v.id DESC LIMIT $5) p';
+    EXECUTE q INTO user_ids, ids USING list_sessions.user_id, list_sessions.model_id, list_sessions.since,
         list_sessions.until, size, after_at, after_user, after_id;
+    RETURN QUERY SELECT * FROM sessiontag._summarize(user_ids, ids);
 END
 $$;
 
@@ -322,16 +346,19 @@ LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    user_ids uuid[];
+    ids uuid[];
 BEGIN
     IF session_summary.session_id IS NULL THEN
         RAISE EXCEPTION 'session_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    RETURN QUERY
-    SELECT (sessiontag._summarize(v)).*
+    SELECT array_agg(v.user_id ORDER BY v.created_at, v.user_id), array_agg(v.id ORDER BY v.created_at, v.user_id)
+    INTO user_ids, ids
     FROM sessiontag.conversations v
     WHERE v.session_id = session_summary.session_id
-      AND (session_summary.user_id IS NULL OR v.user_id = session_summary.user_id)
-    ORDER BY v.created_at, v.user_id;
+      AND (session_summary.user_id IS NULL OR v.user_id = session_summary.user_id);
+    RETURN QUERY SELECT * FROM sessiontag._summarize(user_ids, ids);
 END
 $$;
 

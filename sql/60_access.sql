@@ -113,7 +113,7 @@ GRANT EXECUTE ON FUNCTION
     sessiontag._decode_cursor(text, text),
     sessiontag._check_page_size(integer),
     sessiontag._check_range(timestamptz, timestamptz),
-    sessiontag._summarize(sessiontag.conversations)
+    sessiontag._summarize(uuid[], uuid[])
     TO sessiontag_app, sessiontag_user, sessiontag_reader;
 -- Tags, conversations and traces.
 GRANT EXECUTE ON FUNCTION

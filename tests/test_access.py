@@ -15,7 +15,7 @@ from tests.conftest import drop_database, new_database
 from tests.numbers import numbers_total
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)
-TABLES = ["llm_models", "conversations", "llm_traces", "session_counters"]
+TABLES = ["llm_models", "conversations", "llm_traces", "session_counters", "feedback"]
 
 
 # -- fixtures --------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_no_function_or_table_is_granted_to_public_and_only_definers_are_the_wri
                         "end_trace", "record_trace", "ingest_traces", "create_span_staging", "ingest_staged_spans",
                         "_conversations_tag",
                         "_conversations_trace_tags", "_llm_models_short_id", "_conversations_keep_numbers",
-                        "_handed_out", "tag_untagged_conversations"}
+                        "_handed_out", "tag_untagged_conversations", "record_feedback", "delete_feedback"}
     unpinned = rows(admin, """SELECT oid::regprocedure::text FROM pg_proc
         WHERE pronamespace = 'sessiontag'::regnamespace
           AND NOT coalesce(proconfig, '{}') @> '{"search_path=pg_catalog, pg_temp"}'""")
@@ -201,11 +201,15 @@ def test_privilege_matrix(env, admin):
 
     reads = {"model_id", "list_models", "session_badge", "list_traces", "get_trace", "list_sessions",
              "session_summary", "compare_models", "_badge", "_encode_cursor", "_decode_cursor",
-             "_check_page_size", "_check_range", "_summarize", "_format_tag", "_tag_parts", "_handed_out"}
+             "_check_page_size", "_check_range", "_summarize", "_format_tag", "_tag_parts", "_handed_out",
+             "list_feedback", "compare_metrics", "_lgamma", "_beta_inc", "_binom_cdf", "_norm_quantile", "_t_cdf",
+             "_t_quantile", "_z", "_wilson", "_newcombe", "_t_interval", "_welch", "_median", "_median_interval",
+             "_median_se", "_median_diff", "_min_sessions", "_verdict"}
     user = reads | {"generate_session_tag", "generate_session_tags", "create_conversation", "ensure_session_tag",
                     "set_analytics_tracking", "start_trace", "end_trace", "record_trace", "ingest_traces",
                     "create_span_staging", "ingest_staged_spans",
-                    "_lock_conversation", "ingest_otlp", "_otlp_attributes", "_otlp_time"}
+                    "_lock_conversation", "ingest_otlp", "_otlp_attributes", "_otlp_time", "record_feedback",
+                    "delete_feedback"}
     app = user | {"register_model", "set_model_tracking", "count_untagged_conversations", "tag_untagged_conversations"}
     names = {k: v[0] for k, v in env.roles.items()}
     assert executable(names["reader"]) == reads | {"count_untagged_conversations"}

@@ -24,7 +24,8 @@ from psycopg.types.json import Jsonb
 
 from .connection import connect, resolve_dsn
 from .errors import DatabaseError
-from .types import Conversation, Model, ModelComparison, SessionSummary, SessionTag, Span, TraceRow, TraceSpan
+from .types import (Conversation, Feedback, MetricComparison, Model, ModelComparison, SessionSummary, SessionTag, Span,
+                    TraceRow, TraceSpan)
 
 
 # -- spans: ids, JSON and outcomes, shared with sessiontag.recorder --------------------
@@ -309,3 +310,41 @@ class Client:
         ids = [UUID(str(m)) for m in model_ids] if model_ids is not None else None
         return self._call("compare_models", dict(user_id=user_id, model_ids=ids, since=since, until=until),
                           row_type=ModelComparison, table=True)
+
+    def compare_metrics(self, user_id: UUID | str | None = None, model_ids: list[UUID | str] | None = None,
+                        since: datetime | None = None, until: datetime | None = None,
+                        baseline_model_id: UUID | str | None = None, feedback_name: str | None = None,
+                        confidence: Decimal | float | None = None) -> list[MetricComparison]:
+        """Per model and metric: value and interval; against the baseline, difference and verdict."""
+        ids = [UUID(str(m)) for m in model_ids] if model_ids is not None else None
+        return self._call("compare_metrics", dict(user_id=user_id, model_ids=ids, since=since, until=until,
+                                                  baseline_model_id=baseline_model_id, feedback_name=feedback_name,
+                                                  confidence=_numeric(confidence)),
+                          row_type=MetricComparison, table=True)
+
+    # -- feedback -------------------------------------------------------------------
+    def record_feedback(self, user_id: UUID | str, name: str, value: Decimal | float | int | None = None,
+                        label: str | None = None, conversation_id: UUID | str | None = None,
+                        trace_id: str | None = None, span_id: str | None = None, comment: str | None = None,
+                        source: str | None = None) -> UUID:
+        """A score and/or label on a session, trace or span; the same (target, name, source) replaces it."""
+        return self._scalar("record_feedback", dict(user_id=user_id, name=name, value=_numeric(value), label=label,
+                                                    conversation_id=conversation_id, trace_id=trace_id,
+                                                    span_id=span_id, comment=comment, source=source),
+                            required=("user_id", "name"))
+
+    def delete_feedback(self, user_id: UUID | str, id: UUID | str | None = None, name: str | None = None,
+                        conversation_id: UUID | str | None = None, trace_id: str | None = None,
+                        span_id: str | None = None, source: str | None = None) -> int:
+        """Deletes one feedback row, by id or by (target, name, source); returns how many (0 or 1)."""
+        return self._scalar("delete_feedback", dict(user_id=user_id, id=id, name=name,
+                                                    conversation_id=conversation_id, trace_id=trace_id,
+                                                    span_id=span_id, source=source), required=("user_id",))
+
+    def list_feedback(self, user_id: UUID | str | None = None, conversation_id: UUID | str | None = None,
+                      session_id: str | None = None, trace_id: str | None = None, name: str | None = None,
+                      after: str | None = None, page_size: int | None = None) -> list[Feedback]:
+        """One page of feedback, newest first."""
+        return self._call("list_feedback", dict(user_id=user_id, conversation_id=conversation_id,
+                                                session_id=session_id, trace_id=trace_id, name=name, after=after,
+                                                page_size=page_size), row_type=Feedback, table=True)

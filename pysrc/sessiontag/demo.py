@@ -2,8 +2,10 @@
 
 Several users chat with three models; every conversation has a few turns, and every turn
 is a trace: a root span, a retrieval step, the LLM call, and now and then a tool call
-with a nested LLM call. Models differ in latency, error rate and price, so `compare`
-has something to say. Most conversations are tagged at creation, the others by their
+with a nested LLM call. Models differ in latency, error rate, price and quality: users
+give most turns a thumbs up or down (feedback "thumbs" on the turn's trace), and one model
+pleases them clearly less often, so `compare --baseline gpt-4o --feedback thumbs` has a
+verdict to give. Most conversations are tagged at creation, the others by their
 first trace. The turns span the past week; when the connection may (as the schema owner
 on the local server does), each conversation is dated back to its first turn, so that
 filters by time agree on sessions and traces.
@@ -31,12 +33,13 @@ class DemoModel:
     latency_ms: tuple[int, int]   # typical range of one completion
     error_rate: float
     usd_per_1k_tokens: Decimal
+    thumbs_up: float              # chance that a rated turn gets a thumbs up
 
 
 MODELS = [
-    DemoModel("GPT-4o", "openai", "gpt-4o", (600, 2400), 0.04, Decimal("0.0075")),
-    DemoModel("Claude 3.5 Sonnet", "anthropic", "claude-3-5-sonnet", (800, 3000), 0.03, Decimal("0.0090")),
-    DemoModel("Llama 3.1 70B", "meta", "llama-3.1-70b", (400, 5200), 0.09, Decimal("0.0009")),
+    DemoModel("GPT-4o", "openai", "gpt-4o", (600, 2400), 0.04, Decimal("0.0075"), 0.85),
+    DemoModel("Claude 3.5 Sonnet", "anthropic", "claude-3-5-sonnet", (800, 3000), 0.03, Decimal("0.0090"), 0.88),
+    DemoModel("Llama 3.1 70B", "meta", "llama-3.1-70b", (400, 5200), 0.09, Decimal("0.0009"), 0.45),
 ]
 TITLES = ["Refactor a SQL query", "Plan a trip to Lisbon", "Explain keyset pagination", "Draft a cover letter",
           "Debug a flaky test", "Summarize a paper", "Name a new product", "Write a haiku about Postgres",
@@ -50,6 +53,7 @@ class DemoResult:
     sessions: int
     traces: int
     spans: int
+    feedback: int = 0
     example: tuple[str, uuid.UUID] | None = None  # (session tag, user id) of a session it loaded
 
 
@@ -106,7 +110,7 @@ def run(client: Client, seed: int | None = None, users: int = 5) -> DemoResult:
     rng = random.Random(seed)
     model_ids = [client.register_model(m.name, m.provider, m.key) for m in MODELS]
     now = datetime.now(timezone.utc)
-    sessions = traces = spans = 0
+    sessions = traces = spans = feedback = 0
     conversation_ids = []
     for _ in range(users):
         user_id = uuid.UUID(int=rng.getrandbits(128), version=4)
@@ -120,12 +124,19 @@ def run(client: Client, seed: int | None = None, users: int = 5) -> DemoResult:
                 conversation = client.create_conversation(user_id, title=title)  # tagged by its first trace
             start = now - timedelta(days=rng.uniform(0.1, 7))
             batch = []
+            thumbs = []
             for _ in range(rng.randint(2, 6)):
                 turn = _turn(rng, model, model_id, user_id, conversation.id, start)
                 batch += turn
                 start = datetime.fromisoformat(turn[0]["end_time"]) + timedelta(seconds=rng.randint(10, 240))
                 traces += 1
+                if rng.random() < 0.8:  # most turns are rated; a failed one never pleases
+                    good = turn[0]["status"] == "success" and rng.random() < model.thumbs_up
+                    thumbs.append((turn[0]["trace_id"], 1 if good else 0))
             spans += client.ingest(batch)
+            for trace_id, value in thumbs:
+                client.record_feedback(user_id, "thumbs", value=value, trace_id=trace_id)
+            feedback += len(thumbs)
             sessions += 1
             conversation_ids.append(conversation.id)
     try:
@@ -136,4 +147,4 @@ def run(client: Client, seed: int | None = None, users: int = 5) -> DemoResult:
     # The last conversation's tag, as its spans carry it (it may have been tagged by them).
     last = client.list_traces(user_id=user_id, conversation_id=conversation_ids[-1], page_size=1)
     example = (last[0].session_tag, user_id) if last and last[0].session_tag else None
-    return DemoResult(users=users, sessions=sessions, traces=traces, spans=spans, example=example)
+    return DemoResult(users=users, sessions=sessions, traces=traces, spans=spans, feedback=feedback, example=example)

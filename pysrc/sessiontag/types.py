@@ -154,6 +154,8 @@ class SessionSummary:
     first_at: datetime
     last_at: datetime
     cursor: str
+    feedback_count: int = 0
+    feedback: dict[str, Any] | None = None  # name -> {"count": rows, "mean": mean value or None}
 
 
 @dataclass(frozen=True)
@@ -170,3 +172,39 @@ class ModelComparison:
     output_tokens: int
     cost_usd: Decimal
     cost_per_session: Decimal
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """A feedback row as list_feedback returns it, with its session's tag and the cursor."""
+    id: UUID
+    user_id: UUID
+    session_id: str | None
+    conversation_id: UUID | None
+    trace_id: str | None
+    span_id: str | None
+    name: str
+    value: Decimal | None
+    label: str | None
+    comment: str | None
+    source: str
+    created_at: datetime
+    updated_at: datetime
+    cursor: str
+
+
+@dataclass(frozen=True)
+class MetricComparison:
+    """One model and metric of compare_metrics: the value with its interval and, against
+    the baseline, the difference model - baseline with its interval and the verdict."""
+    model_id: UUID
+    model_name: str
+    metric: str
+    sessions: int
+    value: float | None
+    low: float | None
+    high: float | None
+    diff: float | None
+    diff_low: float | None
+    diff_high: float | None
+    verdict: str | None

@@ -100,3 +100,24 @@ def comparison_chart(rows: list[dict], metrics: list[tuple[str, str, Any]], widt
             lines.append(f"  {clip(r['model_name'], name_width):<{name_width}}  "
                          f"{bar(float(r[key] or 0), float(largest or 0), width):<{width}}  {fmt(r[key])}")
     return lines
+
+
+def error_bar(value: float | None, low: float | None, high: float | None, start: float, end: float,
+              width: int = 24) -> str:
+    """An interval on a shared scale [start, end] as `├──●───┤`: the value at ●, the bounds
+    at ├ and ┤; an open bound (no interval) runs to the edge as ·."""
+    if value is None or end <= start:
+        return " " * width
+
+    def at(x: float) -> int:
+        return min(width - 1, max(0, round((x - start) / (end - start) * (width - 1))))
+
+    cells = [" "] * width
+    left = at(low) if low is not None else 0
+    right = at(high) if high is not None else width - 1
+    for i in range(left, right + 1):
+        cells[i] = "─"
+    cells[left] = "├" if low is not None else "·"
+    cells[right] = "┤" if high is not None else "·"
+    cells[at(value)] = "●"
+    return "".join(cells)

@@ -18,8 +18,8 @@ def demo_cmd(state: State, seed: int | None, users: int) -> None:
     with state.client() as client:
         result = demo.run(client, seed, users)
     click.echo(f"loaded {result.sessions} sessions of {result.users} users with {result.traces} traces "
-               f"({result.spans} spans) across {len(demo.MODELS)} models")
-    click.echo("next:  sessiontag sessions list\n       sessiontag compare")
+               f"({result.spans} spans) and {result.feedback} thumbs across {len(demo.MODELS)} models")
+    click.echo("next:  sessiontag sessions list\n       sessiontag compare --baseline gpt-4o --feedback thumbs")
     if result.example:
         tag, user_id = result.example
         click.echo(f"       sessiontag traces list --tag {tag} --user {user_id}")
