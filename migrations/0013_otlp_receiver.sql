@@ -200,17 +200,22 @@ BEGIN
 
     -- Every span with its place, its attributes (the resource's, overridden by the
     -- span's), the attribute naming its user and its conversation (first present wins),
-    -- and the first problem the request alone shows.
-    WITH raw AS (
-        SELECT row_number() OVER (ORDER BY r.i, s.i, p.i) AS n,
-               format('payload.resourceSpans[%s].scopeSpans[%s].spans[%s]', r.i - 1, s.i - 1, p.i - 1) AS path,
-               p.span, s.ss -> 'scope' AS scope,
+    -- and the first problem the request alone shows. Materialized, so that no row carries
+    -- its whole resourceSpans element into the numbering's sort (it holds every span),
+    -- and so that each use of attrs below does not convert the attributes again.
+    WITH place AS MATERIALIZED (
+        SELECT r.i AS ri, s.i AS si, p.i AS pi, p.span, s.ss -> 'scope' AS scope,
                sessiontag._otlp_attributes(r.rs -> 'resource' -> 'attributes') AS res,
                sessiontag._otlp_attributes(p.span -> 'attributes') AS own
         FROM jsonb_array_elements(_otlp_ingest.payload -> 'resourceSpans') WITH ORDINALITY AS r(rs, i)
         CROSS JOIN LATERAL jsonb_array_elements(coalesce(r.rs -> 'scopeSpans', '[]')) WITH ORDINALITY AS s(ss, i)
         CROSS JOIN LATERAL jsonb_array_elements(coalesce(s.ss -> 'spans', '[]')) WITH ORDINALITY AS p(span, i)
-    ), named AS (
+    ), raw AS (
+        SELECT row_number() OVER (ORDER BY x.ri, x.si, x.pi) AS n,
+               format('payload.resourceSpans[%s].scopeSpans[%s].spans[%s]', x.ri - 1, x.si - 1, x.pi - 1) AS path,
+               x.span, x.scope, x.res, x.own
+        FROM place x
+    ), named AS MATERIALIZED (
         SELECT raw.*, a.attrs,
                CASE WHEN a.attrs ? 'user.id' THEN 'user.id'
                     WHEN a.attrs ? 'enduser.id' THEN 'enduser.id'
