@@ -28,6 +28,15 @@ demo: install
 	@$(BIN)/sessiontag compare
 	@echo; echo '$$ sessiontag compare --baseline gpt-4o --feedback thumbs'
 	@$(BIN)/sessiontag compare --baseline gpt-4o --feedback thumbs
+	@# Spans from an OpenTelemetry SDK: serve in the background, a plain OTel exporter, the session.
+	@echo; echo '$$ sessiontag serve &        # OTLP/HTTP receiver on 127.0.0.1:4318'
+	@$(BIN)/sessiontag serve 2>$(VENV)/serve.log & pid=$$!; trap 'kill -TERM '$$pid' 2>/dev/null' EXIT; \
+	  echo '$$ OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 python examples/otel_chat.py'; \
+	  user=$$(OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 $(BIN)/python examples/otel_chat.py) \
+	    || { cat $(VENV)/serve.log; exit 1; }; \
+	  echo "\$$ sessiontag sessions list --user $$user"; \
+	  $(BIN)/sessiontag sessions list --user "$$user" 2>/dev/null; \
+	  kill -TERM $$pid; wait $$pid; trap - EXIT; echo '(sessiontag serve stopped)'
 
 test: install
 	$(BIN)/pytest -q

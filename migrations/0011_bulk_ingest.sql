@@ -404,7 +404,7 @@ DECLARE
     typed boolean := _diagnose.spans IS NULL;
     elems jsonb := _diagnose.spans;
     message text := _diagnose.err_message;
-    started jsonb := '{}';  -- span key -> start, of the spans started earlier in the batch
+    started jsonb := '{}'::jsonb;  -- span key -> start, of the spans started earlier in the batch
     elem jsonb;
     n bigint;
     span_key text;

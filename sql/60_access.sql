@@ -178,3 +178,17 @@ CREATE POLICY own_rows ON sessiontag.llm_traces AS RESTRICTIVE TO sessiontag_use
 CREATE POLICY own_rows ON sessiontag.session_counters AS RESTRICTIVE TO sessiontag_user
     USING (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid)
     WITH CHECK (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid);
+
+-- The OTLP receiver's span-by-span ingestion and its helpers. ingest_otlp_partial runs as
+-- its caller, like ingest_otlp; the two helpers that read or write stored spans run as
+-- the owner and keep a user-scoped caller to its own user. Each asks _check_user
+-- which user its caller is confined to.
+GRANT EXECUTE ON FUNCTION
+    sessiontag.ingest_otlp_partial(jsonb, uuid),
+    sessiontag._otlp_ingest(jsonb, uuid, boolean),
+    sessiontag._otlp_value(jsonb),
+    sessiontag._otlp_json(jsonb),
+    sessiontag._otlp_problems(jsonb),
+    sessiontag._otlp_link_traces(jsonb),
+    sessiontag._check_user(uuid)
+    TO sessiontag_app, sessiontag_user;

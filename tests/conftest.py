@@ -60,6 +60,21 @@ def dsn(pg_server, admin_dsn, template_db):
 
 
 @pytest.fixture
+def private_server():
+    """A server of this test's own, with a migrated database, that the test may stop
+    and start again; yields (server, dsn)."""
+    server = Postgresql()
+    try:
+        with psycopg.connect(server.libpq_dsn("postgres"), autocommit=True) as c:
+            c.execute("CREATE DATABASE private")
+        dsn = server.libpq_dsn("private")
+        migrate.apply(dsn)
+        yield server, dsn
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def empty_dsn(pg_server, admin_dsn):
     """An empty database of this test's own (no migrations applied)."""
     name, url = new_database(admin_dsn, pg_server)

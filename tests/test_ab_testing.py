@@ -443,7 +443,7 @@ def test_cli_feedback_and_compare_with_a_baseline(dsn):
 def test_rolling_back_0012_keeps_feedback_and_applying_again_brings_it_back(empty_dsn):
     from sessiontag import migrate
 
-    migrate.apply(empty_dsn)
+    migrate.apply(empty_dsn, to="0012_ab_testing")
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         model, = models(conn, "GPT-4o")
         user = uuid.uuid4()
@@ -453,7 +453,7 @@ def test_rolling_back_0012_keeps_feedback_and_applying_again_brings_it_back(empt
     assert migrate.rollback(empty_dsn, steps=1) == ["0012_ab_testing"]
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         assert one(conn, "SELECT count(*) FROM sessiontag_archive.feedback")[0] == 1
-    migrate.apply(empty_dsn)
+    migrate.apply(empty_dsn, to="0012_ab_testing")
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         assert one(conn, "SELECT id, comment FROM sessiontag.feedback") == (kept, "kept")
         assert one(conn, "SELECT to_regnamespace('sessiontag_archive')")[0] is None

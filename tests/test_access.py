@@ -172,7 +172,8 @@ def test_no_function_or_table_is_granted_to_public_and_only_definers_are_the_wri
                         "end_trace", "record_trace", "ingest_traces", "create_span_staging", "ingest_staged_spans",
                         "_conversations_tag",
                         "_conversations_trace_tags", "_llm_models_short_id", "_conversations_keep_numbers",
-                        "_handed_out", "tag_untagged_conversations", "record_feedback", "delete_feedback"}
+                        "_handed_out", "tag_untagged_conversations", "record_feedback", "delete_feedback",
+                        "_otlp_problems", "_otlp_link_traces"}
     unpinned = rows(admin, """SELECT oid::regprocedure::text FROM pg_proc
         WHERE pronamespace = 'sessiontag'::regnamespace
           AND NOT coalesce(proconfig, '{}') @> '{"search_path=pg_catalog, pg_temp"}'""")
@@ -209,7 +210,8 @@ def test_privilege_matrix(env, admin):
                     "set_analytics_tracking", "start_trace", "end_trace", "record_trace", "ingest_traces",
                     "create_span_staging", "ingest_staged_spans",
                     "_lock_conversation", "ingest_otlp", "_otlp_attributes", "_otlp_time", "record_feedback",
-                    "delete_feedback"}
+                    "delete_feedback", "ingest_otlp_partial", "_otlp_ingest", "_otlp_value", "_otlp_json",
+                    "_otlp_problems", "_otlp_link_traces", "_check_user"}
     app = user | {"register_model", "set_model_tracking", "count_untagged_conversations", "tag_untagged_conversations"}
     names = {k: v[0] for k, v in env.roles.items()}
     assert executable(names["reader"]) == reads | {"count_untagged_conversations"}

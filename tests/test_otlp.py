@@ -266,3 +266,135 @@ def test_default_user_is_refused_for_plain_span_files(dsn, tmp_path):
     path.write_text(json.dumps({"user_id": str(uuid.uuid4()), "trace_id": "t", "span_id": "s", "span_name": "x"}))
     message = _one_line_error(sessiontag_cli("--dsn", dsn, "ingest", "--default-user", str(uuid.uuid4()), str(path)))
     assert "--default-user applies to OTLP exports only" in message
+
+
+# -- the mapping, attribute by attribute (SPEC: the OpenTelemetry front door) -------------
+def _one(conn, columns):
+    return conn.execute(f"SELECT {columns} FROM sessiontag.llm_traces").fetchone()
+
+
+@pytest.mark.parametrize("attrs, expected", [
+    ({"user.id": "U1"}, "U1"),
+    ({"enduser.id": "U1"}, "U1"),
+    ({"langfuse.user.id": "U1"}, "U1"),
+    ({"traceloop.association.properties.user_id": "U1"}, "U1"),
+    ({"user.id": "U1", "enduser.id": "U2", "langfuse.user.id": "U2"}, "U1"),
+    ({"enduser.id": "U1", "langfuse.user.id": "U2", "traceloop.association.properties.user_id": "U2"}, "U1"),
+    ({"langfuse.user.id": "U1", "traceloop.association.properties.user_id": "U2"}, "U1"),
+    ({}, "DEFAULT"),
+])
+def test_user_attributes_in_order_then_the_default(conn, attrs, expected):
+    users = {"U1": str(uuid.uuid4()), "U2": str(uuid.uuid4()), "DEFAULT": str(uuid.uuid4())}
+    ingest(conn, request(span("a1a1a1a1a1a1a1a1", "x", {k: users[v] for k, v in attrs.items()})), users["DEFAULT"])
+    assert str(_one(conn, "user_id")[0]) == users[expected]
+
+
+@pytest.mark.parametrize("attrs, expected", [
+    ({"langfuse.session.id": "A"}, "A"),
+    ({"session.id": "A"}, "A"),
+    ({"gen_ai.conversation.id": "A"}, "A"),
+    ({"traceloop.association.properties.session_id": "A"}, "A"),
+    ({"langsmith.metadata.session_id": "A"}, "A"),
+    ({"langfuse.session.id": "A", "session.id": "B", "gen_ai.conversation.id": "B"}, "A"),
+    ({"session.id": "A", "gen_ai.conversation.id": "B", "traceloop.association.properties.session_id": "B"}, "A"),
+    ({"gen_ai.conversation.id": "A", "traceloop.association.properties.session_id": "B",
+      "langsmith.metadata.session_id": "B"}, "A"),
+    ({"traceloop.association.properties.session_id": "A", "langsmith.metadata.session_id": "B"}, "A"),
+])
+def test_conversation_attributes_in_order(conn, model, attrs, expected):
+    ingest(conn, request(span("a2a2a2a2a2a2a2a2", "x", attrs)), str(uuid.uuid4()))
+    assert conn.execute("SELECT c.external_id FROM sessiontag.llm_traces t JOIN sessiontag.conversations c"
+                        " ON c.id = t.conversation_id").fetchone() == (expected,)
+
+
+def test_model_response_before_request_and_provider_before_system(conn, model):
+    other = conn.execute("SELECT sessiontag.register_model('GPT-4o mini', 'openai', 'gpt-4o-mini')").fetchone()[0]
+    user = str(uuid.uuid4())
+    ingest(conn, request(
+        span("b1b1b1b1b1b1b1b1", "both registered", {"gen_ai.request.model": "gpt-4o", "gen_ai.response.model": "gpt-4o-mini",
+                                                    "gen_ai.provider.name": "azure.ai.openai", "gen_ai.system": "openai"}),
+        span("b1b1b1b1b1b1b1b2", "response unregistered", {"gen_ai.request.model": "gpt-4o",
+                                                           "gen_ai.response.model": "gpt-4o-2024-08-06",
+                                                           "gen_ai.system": "openai"}),
+        span("b1b1b1b1b1b1b1b3", "none registered", {"gen_ai.request.model": "llama", "gen_ai.response.model": "llama-3.1"}),
+        resource={"user.id": user}))
+    rows = conn.execute("SELECT span_name, model_id, model_name, model_provider FROM sessiontag.llm_traces"
+                        " ORDER BY span_id").fetchall()
+    assert rows == [("both registered", other, "GPT-4o mini", "azure.ai.openai"),
+                    ("response unregistered", model, "GPT-4o", "openai"),
+                    ("none registered", None, "llama-3.1", None)]
+
+
+def test_usage_operation_messages_and_resource(conn):
+    user = str(uuid.uuid4())
+    messages = '[{"role": "user", "parts": [{"type": "text", "content": "hi"}]}]'
+    structured = {"key": "gen_ai.output.messages", "value": {"arrayValue": {"values": [{"kvlistValue": {"values": [
+        {"key": "role", "value": {"stringValue": "assistant"}},
+        {"key": "finish_reason", "value": {"stringValue": "stop"}}]}}]}}}
+    s = span("c1c1c1c1c1c1c1c1", "chat", {"gen_ai.operation.name": "chat", "gen_ai.usage.input_tokens": 100,
+                                          "gen_ai.usage.output_tokens": 20, "gen_ai.usage.cache_read.input_tokens": 80,
+                                          "gen_ai.usage.cache_creation.input_tokens": 5,
+                                          "gen_ai.usage.reasoning.output_tokens": 12, "gen_ai.input.messages": messages})
+    s["attributes"].append(structured)
+    ingest(conn, request(s, span("c1c1c1c1c1c1c1c2", "embed", {"gen_ai.operation.name": "embeddings",
+                                                                "gen_ai.input.messages": "plain text"}),
+                         resource={"user.id": user, "service.name": "chat-api", "deployment.environment": "prod"}))
+    (op, inp, out, itok, otok, meta), (op2, inp2) = [
+        (r[0], r[1], r[2], r[3], r[4], r[5]) if i == 0 else (r[0], r[1]) for i, r in enumerate(conn.execute(
+            "SELECT operation_type, input_data, output_data, input_tokens, output_tokens, metadata"
+            " FROM sessiontag.llm_traces ORDER BY span_id"))]
+    assert (op, itok, otok) == ("llm_call", 100, 20)
+    assert inp == [{"role": "user", "parts": [{"type": "text", "content": "hi"}]}]
+    assert out == [{"role": "assistant", "finish_reason": "stop"}]
+    assert meta["usage"] == {"cache_read.input_tokens": 80, "cache_creation.input_tokens": 5,
+                             "reasoning.output_tokens": 12}
+    assert meta["otel"]["resource"] == {"user.id": user, "service.name": "chat-api", "deployment.environment": "prod"}
+    assert meta["otel"]["scope"] == {"name": "test"}
+    assert "gen_ai.input.messages" not in meta["otel"]["attributes"], "kept once, as input_data"
+    assert (op2, inp2) == ("embedding", "plain text")
+
+
+def test_ids_are_stored_lower_case(conn):
+    s = span("00F067AA0BA902B7", "x", {}, parent="AAAAAAAAAAAAAAAA")
+    s["traceId"] = "5B8EFFF798038103D269B633813FC60C"
+    ingest(conn, request(s), str(uuid.uuid4()))
+    assert _one(conn, "trace_id, span_id, parent_span_id") == (
+        "5b8efff798038103d269b633813fc60c", "00f067aa0ba902b7", "aaaaaaaaaaaaaaaa")
+
+
+def test_one_conversation_per_trace_even_when_one_span_names_it(conn, model):
+    user = str(uuid.uuid4())
+    # children first, in their own export, naming nothing; then the root naming the conversation
+    ingest(conn, request(span("d1d1d1d1d1d1d1d2", "tool", {}, parent="d1d1d1d1d1d1d1d1"), resource={"user.id": user}))
+    ingest(conn, request(span("d1d1d1d1d1d1d1d1", "turn", {"session.id": "chat-9", "gen_ai.request.model": "gpt-4o"}),
+                         span("d1d1d1d1d1d1d1d3", "llm", {"gen_ai.request.model": "gpt-4o"}, parent="d1d1d1d1d1d1d1d1"),
+                         resource={"user.id": user}))
+    # a later export of the same trace, naming nothing
+    ingest(conn, request(span("d1d1d1d1d1d1d1d4", "late", {}, parent="d1d1d1d1d1d1d1d1"), resource={"user.id": user}))
+    rows = conn.execute("SELECT DISTINCT t.conversation_id, t.session_tag, c.external_id FROM sessiontag.llm_traces t"
+                        " LEFT JOIN sessiontag.conversations c ON c.id = t.conversation_id").fetchall()
+    assert rows == [(rows[0][0], f"chat_model_{model.hex[:6]}_001", "chat-9")]
+    assert counts(conn) == (1, 4, 1)
+
+
+def test_partial_refuses_bad_spans_and_stores_the_rest(conn, model):
+    user = str(uuid.uuid4())
+    payload = request(span("e1e1e1e1e1e1e1e1", "good", {"session.id": "p-1", "gen_ai.request.model": "gpt-4o"}),
+                      span("e1e1e1e1e1e1e1e2", "bad usage", {"gen_ai.usage.input_tokens": -5, "session.id": "p-2",
+                                                             "gen_ai.request.model": "gpt-4o"}),
+                      span("e1e1e1e1e1e1e1e3", "bad user", {"user.id": "nope"}),
+                      span("e1e1e1e1e1e1e1e4", "bad time", {}, start_ms=0),
+                      span("e1e1e1e1e1e1e1e5", "good too", {}),
+                      resource={"user.id": user})
+    payload["resourceSpans"][0]["scopeSpans"][0]["spans"][3]["startTimeUnixNano"] = "soon"
+    stored, rejected = conn.execute("SELECT stored, rejected FROM sessiontag.ingest_otlp_partial(%s)",
+                                    [json.dumps(payload)]).fetchone()
+    assert stored == 2
+    assert [(r["span_id"], r["field"], r["sqlstate"]) for r in rejected] == [
+        ("e1e1e1e1e1e1e1e2", "input_tokens", "22023"), ("e1e1e1e1e1e1e1e3", "attributes[user.id]", "22P02"),
+        ("e1e1e1e1e1e1e1e4", "startTimeUnixNano", "22023")]
+    assert rejected[0]["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert rejected[0]["path"] == "payload.resourceSpans[0].scopeSpans[0].spans[1]"
+    # the refused span's new conversation was not kept, and took no session number
+    assert conn.execute("SELECT external_id, session_counter FROM sessiontag.conversations").fetchall() == [("p-1", 1)]
+    assert counts(conn) == (1, 2, 1)

@@ -9,9 +9,7 @@ import uuid
 import psycopg
 import pytest
 
-from sessiontag import migrate
 from sessiontag.recorder import Recorder
-from tests.pgcluster import Postgresql
 
 LOGGER = "sessiontag.recorder"
 
@@ -104,20 +102,6 @@ def test_a_full_queue_drops_new_spans_without_blocking_or_raising(caplog):
     text = caplog.text
     assert "queue is full (3 spans waiting); dropping new spans" in text
     assert "cannot connect to" in text and "lost" in text
-
-
-@pytest.fixture
-def private_server():
-    """A server of this test's own, with a migrated database, that the test may stop."""
-    server = Postgresql()
-    try:
-        with psycopg.connect(server.libpq_dsn("postgres"), autocommit=True) as c:
-            c.execute("CREATE DATABASE rec")
-        dsn = server.libpq_dsn("rec")
-        migrate.apply(dsn)
-        yield server, dsn
-    finally:
-        server.stop()
 
 
 def test_database_stopped_the_caller_sees_nothing_and_the_log_says_why(private_server, caplog):

@@ -494,6 +494,8 @@ def test_first_message_race_gives_one_tag_and_takes_one_number(dsn):
 # -- static checks -------------------------------------------------------------------
 def test_plpgsql_check_finds_nothing_in_any_function(conn):
     conn.execute("CREATE EXTENSION plpgsql_check")
+    # The batch functions read this session's span staging: make it, so they are checked too.
+    conn.execute("SELECT sessiontag.create_span_staging()")
     findings = conn.execute("""
         SELECT p.oid::regprocedure::text, r.level, r.message, r.lineno
         FROM pg_proc p
