@@ -82,9 +82,10 @@ CREATE TABLE sessiontag.llm_traces (
     session_tag    text,
     PRIMARY KEY (user_id, id),
     UNIQUE (user_id, trace_id, span_id),
-    -- A trace's conversation is the same user's; deleting a conversation keeps its traces.
-    FOREIGN KEY (user_id, conversation_id) REFERENCES sessiontag.conversations (user_id, id)
-        ON DELETE SET NULL (conversation_id),
+    -- A trace's conversation is the same user's. Deleting a conversation keeps its
+    -- traces, with conversation_id NULL: the _400_keep_traces trigger (40_traces.sql) does
+    -- that, since Citus refuses ON DELETE SET NULL on a key that includes user_id.
+    FOREIGN KEY (user_id, conversation_id) REFERENCES sessiontag.conversations (user_id, id),
     CHECK (end_time >= start_time)
 );
 COMMENT ON TABLE sessiontag.llm_traces IS 'One row per span of an LLM call; session_tag is the conversation''s tag';

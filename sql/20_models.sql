@@ -108,19 +108,23 @@ EXCEPTION WHEN unique_violation THEN
 END
 $$;
 
--- The owner's own model first, then a shared one; NULL when none.
+-- The owner's own model first, then a shared one; NULL when none. PL/pgSQL, like every
+-- function with parameters that reads a table: Citus cannot plan a SQL function's
+-- parameterized query.
 CREATE FUNCTION sessiontag.model_id(model_key text, owner_id uuid DEFAULT NULL)
 RETURNS uuid
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT m.id
-    FROM sessiontag.llm_models m
-    WHERE m.model_key = model_id.model_key
-      AND (m.owner_id = model_id.owner_id OR m.owner_id IS NULL)
-    ORDER BY m.owner_id IS NULL
-    LIMIT 1
+BEGIN
+    RETURN (SELECT m.id
+            FROM sessiontag.llm_models m
+            WHERE m.model_key = model_id.model_key
+              AND (m.owner_id = model_id.owner_id OR m.owner_id IS NULL)
+            ORDER BY m.owner_id IS NULL
+            LIMIT 1);
+END
 $$;
 
 -- Turns tagging on or off for a model's new conversations; returns the new state.
@@ -153,12 +157,15 @@ $$;
 -- The models a user can tag with (their own and the shared ones), or every model.
 CREATE FUNCTION sessiontag.list_models(owner_id uuid DEFAULT NULL)
 RETURNS SETOF sessiontag.llm_models
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
+    RETURN QUERY
     SELECT m.*
     FROM sessiontag.llm_models m
     WHERE list_models.owner_id IS NULL OR m.owner_id = list_models.owner_id OR m.owner_id IS NULL
-    ORDER BY m.name, m.owner_id NULLS FIRST, m.id
+    ORDER BY m.name, m.owner_id NULLS FIRST, m.id;
+END
 $$;

@@ -189,6 +189,32 @@ BEGIN
 END
 $$;
 
+-- Whether the row version with this xmin was written by the calling transaction (or one
+-- of its subtransactions): a row version a transaction can see whose writer is still in
+-- progress is its own. The key's lock is proved this way rather than by comparing
+-- last_xact with pg_current_xact_id(): on Citus the mark is taken on the coordinator and
+-- the conversation triggers run on a worker, whose transaction id is another; the row
+-- version, written on the worker in the same transaction, is the same proof on both.
+CREATE FUNCTION sessiontag._written_by_this_transaction(version xid)
+RETURNS boolean
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    current bigint := pg_current_xact_id()::text::bigint;
+    -- xid is 32 bits; xid8 adds the epoch: the current one, unless that puts the version
+    -- more than 2^31 after the current transaction (a subtransaction's id is a little
+    -- after its parent's): then it was written before the last wraparound.
+    full_id bigint := ((current >> 32) << 32) + _written_by_this_transaction.version::text::bigint;
+BEGIN
+    IF full_id > current + 2147483648 THEN
+        full_id := full_id - 4294967296;
+    END IF;
+    RETURN full_id >= 0 AND pg_xact_status(full_id::text::xid8) = 'in progress';
+END
+$$;
+
 -- Trigger on conversations: numbers a new conversation of a tracked model, and checks
 -- every tag written. A caller may give its own session_id (a manual tag); one in the
 -- automatic form must have been handed out for this user and model (generate_session_tag)
@@ -247,7 +273,7 @@ BEGIN
             -- sessiontag's own functions numbering a conversation under the key's lock.
             IF m.tracked AND EXISTS (SELECT FROM sessiontag.session_counters c
                                      WHERE c.user_id = NEW.user_id AND c.model_id = m.id
-                                       AND c.last_xact = pg_current_xact_id()
+                                       AND sessiontag._written_by_this_transaction(c.xmin)
                                        AND c.last_value < NEW.session_counter) THEN
                 NEW.session_id := sessiontag._format_tag(m.short_id, NEW.session_counter);
                 NEW.experiment_name := m.name;

@@ -597,3 +597,25 @@ CREATE TRIGGER _200_trace_tags
     AFTER UPDATE OF session_id, session_counter ON sessiontag.conversations
     FOR EACH ROW WHEN (OLD.session_id IS NULL AND NEW.session_id IS NOT NULL)
     EXECUTE FUNCTION sessiontag._conversations_trace_tags();
+
+-- Trigger on conversations: a deleted conversation's traces stay, with conversation_id
+-- NULL (their session_tag keeps naming the session). Before the row goes, so that the
+-- foreign key finds no trace referring to it. The traces are the same user's, on the same
+-- node where the table is distributed by user_id. SECURITY DEFINER: nobody else writes
+-- llm_traces.
+CREATE FUNCTION sessiontag._conversations_keep_traces()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE sessiontag.llm_traces t SET conversation_id = NULL
+    WHERE t.user_id = OLD.user_id AND t.conversation_id = OLD.id;
+    RETURN OLD;
+END
+$$;
+
+CREATE TRIGGER _400_keep_traces
+    BEFORE DELETE ON sessiontag.conversations
+    FOR EACH ROW EXECUTE FUNCTION sessiontag._conversations_keep_traces();

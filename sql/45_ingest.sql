@@ -77,27 +77,32 @@ $$;
 
 -- Tags the staged spans' untagged conversations (analytics on), once each, with the first
 -- tracked model their spans name, else their own model. Locks are taken in (user, model,
--- conversation) order, so concurrent batches cannot deadlock on them.
+-- conversation) order, so concurrent batches cannot deadlock on them. The staging is read
+-- in a materialized CTE of its own (its row order, ctid, means nothing outside it: on
+-- Citus the rest of the query runs elsewhere), with the tracked models read first.
 CREATE FUNCTION sessiontag._ingest_tag()
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    tracked uuid[];
     r record;
 BEGIN
+    SELECT coalesce(array_agg(m.id), '{}') INTO tracked FROM sessiontag.llm_models m WHERE m.tracked;
     FOR r IN
-        SELECT x.user_id, x.conversation_id, x.model_id
-        FROM (
-            SELECT c.user_id, c.id AS conversation_id, c.llm_model_id,
-                   (array_agg(s.model_id ORDER BY s.ctid) FILTER (WHERE m.tracked))[1] AS model_id
+        WITH staged AS MATERIALIZED (
+            SELECT s.user_id, s.conversation_id,
+                   (array_agg(s.model_id ORDER BY s.ctid) FILTER (WHERE s.model_id = ANY (tracked)))[1] AS model_id
             FROM pg_temp.sessiontag_spans s
-            JOIN sessiontag.conversations c ON c.user_id = s.user_id AND c.id = s.conversation_id
-            LEFT JOIN sessiontag.llm_models m ON m.id = s.model_id
-            WHERE c.session_id IS NULL AND c.analytics_enabled
-            GROUP BY c.user_id, c.id
-        ) x
-        ORDER BY x.user_id, coalesce(x.model_id, x.llm_model_id), x.conversation_id
+            WHERE s.conversation_id IS NOT NULL
+            GROUP BY s.user_id, s.conversation_id
+        )
+        SELECT c.user_id, c.id AS conversation_id, x.model_id, c.llm_model_id
+        FROM staged x
+        JOIN sessiontag.conversations c ON c.user_id = x.user_id AND c.id = x.conversation_id
+        WHERE c.session_id IS NULL AND c.analytics_enabled
+        ORDER BY 1, coalesce(x.model_id, c.llm_model_id), 2
     LOOP
         PERFORM sessiontag.ensure_session_tag(r.conversation_id, r.model_id, r.user_id);
     END LOOP;
@@ -115,7 +120,17 @@ AS $$
 DECLARE
     completed integer;
 BEGIN
-    WITH ended AS (
+    WITH f AS MATERIALIZED (
+        -- The first finished staged row of each span ends it (the staging read on its own,
+        -- see _ingest_tag).
+        SELECT DISTINCT ON (s.user_id, s.trace_id, s.span_id)
+               s.user_id, s.trace_id, s.span_id, coalesce(s.status, 'success') AS status,
+               coalesce(s.end_time, now()) AS end_time, s.output_data, s.input_tokens, s.output_tokens,
+               s.cost_usd, s.error_message
+        FROM pg_temp.sessiontag_spans s
+        WHERE s.status IS DISTINCT FROM 'running'
+        ORDER BY s.user_id, s.trace_id, s.span_id, s.ctid
+    ), ended AS (
         UPDATE sessiontag.llm_traces t
         SET status = f.status,
             end_time = f.end_time,
@@ -124,16 +139,7 @@ BEGIN
             output_tokens = coalesce(f.output_tokens, t.output_tokens),
             cost_usd = coalesce(f.cost_usd, t.cost_usd),
             error_message = coalesce(f.error_message, t.error_message)
-        FROM (
-            -- The first finished staged row of each span ends it.
-            SELECT DISTINCT ON (s.user_id, s.trace_id, s.span_id)
-                   s.user_id, s.trace_id, s.span_id, coalesce(s.status, 'success') AS status,
-                   coalesce(s.end_time, now()) AS end_time, s.output_data, s.input_tokens, s.output_tokens,
-                   s.cost_usd, s.error_message
-            FROM pg_temp.sessiontag_spans s
-            WHERE s.status IS DISTINCT FROM 'running'
-            ORDER BY s.user_id, s.trace_id, s.span_id, s.ctid
-        ) f
+        FROM f
         WHERE t.user_id = f.user_id AND t.trace_id = f.trace_id AND t.span_id = f.span_id AND t.status = 'running'
         RETURNING 1)
     SELECT count(*) INTO completed FROM ended;
@@ -477,15 +483,14 @@ DECLARE
                r.parent_span_id, r.model_id, r.model_name, r.model_provider, r.session_tag, r.input_data,
                r.metadata, r.start_time::timestamptz AS start_time, r.status, r.output_data, r.input_tokens,
                r.output_tokens, r.cost_usd, r.error_message, r.end_time::timestamptz AS end_time, r.message_id
-        FROM ROWS FROM (
-            jsonb_to_recordset($1) AS (
+        FROM jsonb_array_elements($1) AS e(elem)
+        -- One record per element, beside it (Citus cannot plan ROWS FROM of two functions).
+        CROSS JOIN LATERAL jsonb_to_record(e.elem) AS r(
                 user_id uuid, trace_id text, span_id text, span_name text, operation_type text,
                 conversation_id uuid, parent_span_id text, model_id uuid, model_name text, model_provider text,
                 session_tag text, input_data jsonb, metadata jsonb, start_time text, status text,
                 output_data jsonb, input_tokens integer, output_tokens integer, cost_usd numeric,
-                error_message text, end_time text, message_id text),
-            jsonb_array_elements($1)) AS r
-        CROSS JOIN LATERAL (SELECT r.value AS elem) AS e
+                error_message text, end_time text, message_id text)
         WHERE CASE
             WHEN e.elem - sessiontag._span_fields() <> '{}'::jsonb
               -- _span_text_fields(), written out: a subquery over it per row would cost more.

@@ -105,6 +105,27 @@ BEGIN
 END
 $$;
 
+-- Refuses to run a search function inside a query that Citus sends to every shard. A
+-- caller's query that passes such a function a subquery over a distributed table, as in
+-- list_traces(session_tag => (SELECT session_id FROM sessiontag.conversations ...)), is
+-- run by Citus once per shard, each run seeing the subquery's value on that shard only
+-- (NULL where the row is elsewhere): the rows would be wrong, without an error. Citus
+-- names its own connections citus_internal. On plain PostgreSQL this is one comparison.
+CREATE FUNCTION sessiontag._not_on_a_shard(function_name text)
+RETURNS void
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF starts_with(current_setting('application_name'), 'citus_internal') THEN
+        RAISE EXCEPTION '% cannot run inside a query Citus sends to each shard; pass it values, not a subquery over sessiontag tables', _not_on_a_shard.function_name
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Run the subquery first (or in a MATERIALIZED CTE) and pass its result.';
+    END IF;
+END
+$$;
+
 -- Spans, newest first, with every filter optional. `search` is a literal,
 -- case-insensitive substring of the tag, trace id, span name or model name: % and _
 -- match only themselves. The query is built from the filters actually given, so the
@@ -141,6 +162,7 @@ DECLARE
               ' sessiontag._encode_cursor(t.start_time, t.user_id, t.id)'
               ' FROM sessiontag.llm_traces t WHERE true';
 BEGIN
+    PERFORM sessiontag._not_on_a_shard('list_traces');
     IF list_traces.status IS NOT NULL AND list_traces.status NOT IN ('running', 'success', 'error', 'cancelled') THEN
         RAISE EXCEPTION 'status must be one of running, success, error, cancelled; got %', list_traces.status
             USING ERRCODE = 'invalid_parameter_value';
@@ -185,6 +207,7 @@ STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM sessiontag._not_on_a_shard('get_trace');
     IF get_trace.user_id IS NULL THEN
         RAISE EXCEPTION 'user_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
@@ -321,6 +344,7 @@ DECLARE
               ' FROM (SELECT v.user_id, v.id, v.created_at FROM sessiontag.conversations v'
               ' WHERE v.session_id IS NOT NULL';
 BEGIN
+    PERFORM sessiontag._not_on_a_shard('list_sessions');
     PERFORM sessiontag._check_range(list_sessions.since, list_sessions.until);
     IF list_sessions.after IS NOT NULL THEN
         SELECT d.at, d.user_id, d.id INTO after_at, after_user, after_id
@@ -350,6 +374,7 @@ DECLARE
     user_ids uuid[];
     ids uuid[];
 BEGIN
+    PERFORM sessiontag._not_on_a_shard('session_summary');
     IF session_summary.session_id IS NULL THEN
         RAISE EXCEPTION 'session_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
     END IF;
@@ -380,6 +405,7 @@ STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM sessiontag._not_on_a_shard('compare_models');
     PERFORM sessiontag._check_range(compare_models.since, compare_models.until);
     RETURN QUERY
     WITH s AS (

@@ -62,7 +62,7 @@ BEGIN
     IF setting IS NULL THEN
         RAISE EXCEPTION 'role % acts for one user only, and sessiontag.user_id is not set', caller
             USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Run SELECT set_config(''sessiontag.user_id'', <user uuid>, true) in the transaction first.';
+                  HINT = 'Run SET LOCAL sessiontag.user_id = ''<user uuid>'' in the transaction first.';
     END IF;
     IF setting !~* '^[0-9a-f]{8}-?([0-9a-f]{4}-?){3}[0-9a-f]{12}$' THEN
         RAISE EXCEPTION 'sessiontag.user_id must be a user uuid, got %', quote_literal(setting)
@@ -87,10 +87,13 @@ GRANT USAGE ON SCHEMA sessiontag TO sessiontag_app, sessiontag_user, sessiontag_
 -- experiment_name and llm_traces: written by the owner's functions only.
 GRANT SELECT ON sessiontag.llm_models, sessiontag.conversations, sessiontag.llm_traces
     TO sessiontag_app, sessiontag_user, sessiontag_reader;
-GRANT INSERT (id, owner_id, name, provider, model_key), UPDATE (tracked) ON sessiontag.llm_models
+-- The INSERT grants include every column with a default (tracked, created_at,
+-- analytics_enabled): Citus evaluates defaults on the coordinator and writes them to the
+-- shard explicitly, where the caller's column privileges are checked again.
+GRANT INSERT (id, owner_id, name, provider, model_key, tracked, created_at), UPDATE (tracked) ON sessiontag.llm_models
     TO sessiontag_app;
 -- A session_id given at insert is a manual tag, checked by the _100_tag trigger.
-GRANT INSERT (id, user_id, external_id, title, llm_model_id, session_id, analytics_enabled),
+GRANT INSERT (id, user_id, external_id, title, llm_model_id, session_id, analytics_enabled, created_at),
       UPDATE (external_id, title, analytics_enabled) ON sessiontag.conversations
     TO sessiontag_app, sessiontag_user;
 
@@ -113,6 +116,7 @@ GRANT EXECUTE ON FUNCTION
     sessiontag._decode_cursor(text, text),
     sessiontag._check_page_size(integer),
     sessiontag._check_range(timestamptz, timestamptz),
+    sessiontag._not_on_a_shard(text),
     sessiontag._summarize(uuid[], uuid[])
     TO sessiontag_app, sessiontag_user, sessiontag_reader;
 -- Tags, conversations and traces.
@@ -151,34 +155,6 @@ GRANT EXECUTE ON FUNCTION
     sessiontag.set_model_tracking(uuid, boolean)
     TO sessiontag_app;
 
--- Row-level security, forced so that it binds the owner too (superusers and BYPASSRLS
--- roles are never bound). "access" lets every role that holds a table privilege see
--- every row (PUBLIC holds none, so it grants nothing by itself); the restrictive
--- "own_rows" narrows sessiontag_user to the rows of sessiontag.user_id (none when unset).
-ALTER TABLE sessiontag.llm_models ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
-ALTER TABLE sessiontag.conversations ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
-ALTER TABLE sessiontag.llm_traces ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
-ALTER TABLE sessiontag.session_counters ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
-
-CREATE POLICY access ON sessiontag.llm_models TO PUBLIC USING (true) WITH CHECK (true);
-CREATE POLICY access ON sessiontag.conversations TO PUBLIC USING (true) WITH CHECK (true);
-CREATE POLICY access ON sessiontag.llm_traces TO PUBLIC USING (true) WITH CHECK (true);
-CREATE POLICY access ON sessiontag.session_counters TO PUBLIC USING (true) WITH CHECK (true);
-
--- A user sees the shared models and its own, and changes none (no privilege to).
-CREATE POLICY own_rows ON sessiontag.llm_models AS RESTRICTIVE TO sessiontag_user
-    USING (owner_id IS NULL OR owner_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid)
-    WITH CHECK (owner_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid);
-CREATE POLICY own_rows ON sessiontag.conversations AS RESTRICTIVE TO sessiontag_user
-    USING (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid)
-    WITH CHECK (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid);
-CREATE POLICY own_rows ON sessiontag.llm_traces AS RESTRICTIVE TO sessiontag_user
-    USING (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid)
-    WITH CHECK (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid);
-CREATE POLICY own_rows ON sessiontag.session_counters AS RESTRICTIVE TO sessiontag_user
-    USING (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid)
-    WITH CHECK (user_id = nullif(current_setting('sessiontag.user_id', true), '')::uuid);
-
 -- The OTLP receiver's span-by-span ingestion and its helpers. ingest_otlp_partial runs as
 -- its caller, like ingest_otlp; the two helpers that read or write stored spans run as
 -- the owner and keep a user-scoped caller to its own user. Each asks _check_user
@@ -192,3 +168,39 @@ GRANT EXECUTE ON FUNCTION
     sessiontag._otlp_link_traces(jsonb),
     sessiontag._check_user(uuid)
     TO sessiontag_app, sessiontag_user;
+
+-- Row-level security, forced so that it binds the owner too (superusers and BYPASSRLS
+-- roles are never bound). One permissive policy per table, "access": a role that is not
+-- a member of sessiontag_user sees and writes every row its table privileges allow
+-- (PUBLIC holds none, so it gets nothing); a member of sessiontag_user only the rows of
+-- the user named by sessiontag.user_id, none when it is unset. Only permissive policies,
+-- built-in functions and no subquery: Citus copies a policy to every shard without AS
+-- RESTRICTIVE and refuses subqueries in policies, and the expression runs on the workers
+-- as it is written, with the setting as the caller's SET LOCAL brings it there. (The
+-- membership test costs about 0.2 microseconds per row read.)
+ALTER TABLE sessiontag.llm_models ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+ALTER TABLE sessiontag.conversations ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+ALTER TABLE sessiontag.llm_traces ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+ALTER TABLE sessiontag.session_counters ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+
+-- A user sees the shared models and its own, and changes none (no privilege to).
+CREATE POLICY access ON sessiontag.llm_models TO PUBLIC
+    USING (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER') OR owner_id IS NULL
+           OR owner_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid)
+    WITH CHECK (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+                OR owner_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid);
+CREATE POLICY access ON sessiontag.conversations TO PUBLIC
+    USING (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+           OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid)
+    WITH CHECK (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+                OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid);
+CREATE POLICY access ON sessiontag.llm_traces TO PUBLIC
+    USING (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+           OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid)
+    WITH CHECK (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+                OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid);
+CREATE POLICY access ON sessiontag.session_counters TO PUBLIC
+    USING (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+           OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid)
+    WITH CHECK (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+                OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid);

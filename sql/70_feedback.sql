@@ -215,6 +215,7 @@ DECLARE
     after_user uuid;
     after_id uuid;
 BEGIN
+    PERFORM sessiontag._not_on_a_shard('list_feedback');
     IF list_feedback.after IS NOT NULL THEN
         SELECT d.at, d.user_id, d.id INTO after_at, after_user, after_id
         FROM sessiontag._decode_cursor(list_feedback.after, 'after') d;
@@ -249,13 +250,12 @@ GRANT EXECUTE ON FUNCTION
     sessiontag.delete_feedback(uuid, uuid, text, uuid, text, text, text)
     TO sessiontag_app, sessiontag_user;
 
--- One permissive policy: every role holding a table privilege sees every row, except a
--- member of sessiontag_user, which sees and writes only the rows of sessiontag.user_id
--- (none when it is unset). The membership test is a scalar subquery, so it runs once per
--- statement, not once per row.
+-- One permissive policy, as on the other tables (see 60_access.sql): every role holding a
+-- table privilege sees every row, except a member of sessiontag_user, which sees and
+-- writes only the rows of sessiontag.user_id (none when it is unset).
 ALTER TABLE sessiontag.feedback ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
 CREATE POLICY access ON sessiontag.feedback TO PUBLIC
-    USING ((SELECT NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER'))
+    USING (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
            OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid)
-    WITH CHECK ((SELECT NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER'))
+    WITH CHECK (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
                 OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid);

@@ -471,6 +471,7 @@ AS $$
 DECLARE
     conf double precision := compare_metrics.confidence;
 BEGIN
+    PERFORM sessiontag._not_on_a_shard('compare_metrics');
     PERFORM sessiontag._check_range(compare_metrics.since, compare_metrics.until);
     IF conf IS NULL OR NOT (conf > 0 AND conf < 1) THEN
         RAISE EXCEPTION 'confidence must be between 0 and 1 (exclusive), got %',

@@ -170,7 +170,7 @@ def test_no_function_or_table_is_granted_to_public_and_only_definers_are_the_wri
         WHERE pronamespace = 'sessiontag'::regnamespace AND prosecdef""")}
     assert definers == {"generate_session_tag", "generate_session_tags", "ensure_session_tag", "start_trace",
                         "end_trace", "record_trace", "ingest_traces", "create_span_staging", "ingest_staged_spans",
-                        "_conversations_tag",
+                        "_conversations_tag", "_conversations_keep_traces",
                         "_conversations_trace_tags", "_llm_models_short_id", "_conversations_keep_numbers",
                         "_handed_out", "tag_untagged_conversations", "record_feedback", "delete_feedback",
                         "_otlp_problems", "_otlp_link_traces"}
@@ -205,7 +205,7 @@ def test_privilege_matrix(env, admin):
              "_check_page_size", "_check_range", "_summarize", "_format_tag", "_tag_parts", "_handed_out",
              "list_feedback", "compare_metrics", "_lgamma", "_beta_inc", "_binom_cdf", "_norm_quantile", "_t_cdf",
              "_t_quantile", "_z", "_wilson", "_newcombe", "_t_interval", "_welch", "_median", "_median_interval",
-             "_median_se", "_median_diff", "_min_sessions", "_verdict"}
+             "_median_se", "_median_diff", "_min_sessions", "_verdict", "_not_on_a_shard"}
     user = reads | {"generate_session_tag", "generate_session_tags", "create_conversation", "ensure_session_tag",
                     "set_analytics_tracking", "start_trace", "end_trace", "record_trace", "ingest_traces",
                     "create_span_staging", "ingest_staged_spans",
@@ -219,12 +219,13 @@ def test_privilege_matrix(env, admin):
     assert executable(names["app"]) == app
     assert executable(names["nobody"]) == set()
     conversation_writes = {(f"conversations.{c}", "INSERT") for c in (
-        "id", "user_id", "external_id", "title", "llm_model_id", "session_id", "analytics_enabled")} | {
+        "id", "user_id", "external_id", "title", "llm_model_id", "session_id", "analytics_enabled", "created_at")} | {
         (f"conversations.{c}", "UPDATE") for c in ("external_id", "title", "analytics_enabled")}
     assert writable(names["reader"]) == writable(names["nobody"]) == set()
     assert writable(names["alice"]) == conversation_writes
     assert writable(names["app"]) == conversation_writes | {
-        (f"llm_models.{c}", "INSERT") for c in ("id", "owner_id", "name", "provider", "model_key")} | {
+        (f"llm_models.{c}", "INSERT") for c in ("id", "owner_id", "name", "provider", "model_key", "tracked",
+                                                 "created_at")} | {
         ("llm_models.tracked", "UPDATE")}
     for role in names.values():
         assert not admin.execute("SELECT has_table_privilege(%s, 'sessiontag.session_counters',"

@@ -24,8 +24,8 @@ from psycopg.types.json import Jsonb
 
 from .connection import connect, resolve_dsn
 from .errors import DatabaseError
-from .types import (Conversation, Feedback, MetricComparison, Model, ModelComparison, SessionSummary, SessionTag, Span,
-                    TraceRow, TraceSpan)
+from .types import (Conversation, Distribution, Feedback, MetricComparison, Model, ModelComparison, SessionSummary,
+                    SessionTag, Span, TraceRow, TraceSpan)
 
 
 # -- spans: ids, JSON and outcomes, shared with sessiontag.recorder --------------------
@@ -168,6 +168,12 @@ class Client:
         (0: none left). Commit after each call: a batch is one transaction."""
         return self._scalar("tag_untagged_conversations", dict(user_id=user_id, model_id=model_id,
                                                                batch_size=batch_size))
+
+    def distribute(self, shard_count: int | None = None) -> list[Distribution]:
+        """On Citus: llm_models a reference table, the per-user tables distributed by
+        user_id and colocated (idempotent; see docs/scaling.md). Refuses (0A000) where the
+        citus extension is not installed."""
+        return self._call("distribute", dict(shard_count=shard_count), row_type=Distribution, table=True)
 
     def set_analytics_tracking(self, conversation_id: UUID | str, enabled: bool,
                                user_id: UUID | str | None = None) -> bool:

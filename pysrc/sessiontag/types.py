@@ -208,3 +208,11 @@ class MetricComparison:
     diff_low: float | None
     diff_high: float | None
     verdict: str | None
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """One table as sessiontag.distribute() left it on Citus."""
+    table_name: str
+    distribution: str
+    changed: bool

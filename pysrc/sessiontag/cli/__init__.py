@@ -10,6 +10,6 @@ adds one command group to it when imported, as below.
 from __future__ import annotations
 
 from .app import cli, main
-from . import backfill, compare, db, demo, feedback, ingest, migrations, models, serve, sessions, traces  # noqa: F401  (registers the commands)
+from . import backfill, compare, db, demo, distribute, feedback, ingest, migrations, models, serve, sessions, traces  # noqa: F401  (registers the commands)
 
 __all__ = ["cli", "main"]

@@ -1,0 +1,1082 @@
+-- Runs distributed on Citus, the same on plain PostgreSQL. sessiontag.distribute() makes
+-- llm_models a reference table and every per-user table a table distributed by user_id,
+-- colocated (only where the citus extension is installed). What Citus cannot take
+-- changes on both: a deleted conversation's traces keep their rows with conversation_id
+-- NULL by a trigger (_400_keep_traces) instead of ON DELETE SET NULL; one permissive
+-- policy per table confines sessiontag_user (Citus writes policies on shards without AS
+-- RESTRICTIVE, and refuses subqueries in them); the INSERT grants include the columns
+-- with defaults (Citus writes defaults explicitly); a number written by sessiontag's own
+-- functions is proved by the counter row version this transaction wrote, which a worker
+-- sees too; the ingest mover reads its staging on its own; model_id and list_models are
+-- PL/pgSQL; the search functions refuse to run once per shard.
+-- depends: 0013_otlp_receiver
+
+-- Deleted conversations keep their traces, by a trigger.
+ALTER TABLE sessiontag.llm_traces DROP CONSTRAINT llm_traces_user_id_conversation_id_fkey;
+ALTER TABLE sessiontag.llm_traces ADD CONSTRAINT llm_traces_user_id_conversation_id_fkey
+    FOREIGN KEY (user_id, conversation_id) REFERENCES sessiontag.conversations (user_id, id);
+
+-- Whether the row version with this xmin was written by the calling transaction (or one
+-- of its subtransactions): a row version a transaction can see whose writer is still in
+-- progress is its own. The key's lock is proved this way rather than by comparing
+-- last_xact with pg_current_xact_id(): on Citus the mark is taken on the coordinator and
+-- the conversation triggers run on a worker, whose transaction id is another; the row
+-- version, written on the worker in the same transaction, is the same proof on both.
+CREATE FUNCTION sessiontag._written_by_this_transaction(version xid)
+RETURNS boolean
+LANGUAGE plpgsql
+VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    current bigint := pg_current_xact_id()::text::bigint;
+    -- xid is 32 bits; xid8 adds the epoch: the current one, unless that puts the version
+    -- more than 2^31 after the current transaction (a subtransaction's id is a little
+    -- after its parent's): then it was written before the last wraparound.
+    full_id bigint := ((current >> 32) << 32) + _written_by_this_transaction.version::text::bigint;
+BEGIN
+    IF full_id > current + 2147483648 THEN
+        full_id := full_id - 4294967296;
+    END IF;
+    RETURN full_id >= 0 AND pg_xact_status(full_id::text::xid8) = 'in progress';
+END
+$$;
+
+-- Trigger on conversations: a deleted conversation's traces stay, with conversation_id
+-- NULL (their session_tag keeps naming the session). Before the row goes, so that the
+-- foreign key finds no trace referring to it. The traces are the same user's, on the same
+-- node where the table is distributed by user_id. SECURITY DEFINER: nobody else writes
+-- llm_traces.
+CREATE FUNCTION sessiontag._conversations_keep_traces()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE sessiontag.llm_traces t SET conversation_id = NULL
+    WHERE t.user_id = OLD.user_id AND t.conversation_id = OLD.id;
+    RETURN OLD;
+END
+$$;
+
+-- Refuses to run a search function inside a query that Citus sends to every shard. A
+-- caller's query that passes such a function a subquery over a distributed table, as in
+-- list_traces(session_tag => (SELECT session_id FROM sessiontag.conversations ...)), is
+-- run by Citus once per shard, each run seeing the subquery's value on that shard only
+-- (NULL where the row is elsewhere): the rows would be wrong, without an error. Citus
+-- names its own connections citus_internal. On plain PostgreSQL this is one comparison.
+CREATE FUNCTION sessiontag._not_on_a_shard(function_name text)
+RETURNS void
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF starts_with(current_setting('application_name'), 'citus_internal') THEN
+        RAISE EXCEPTION '% cannot run inside a query Citus sends to each shard; pass it values, not a subquery over sessiontag tables', _not_on_a_shard.function_name
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Run the subquery first (or in a MATERIALIZED CTE) and pass its result.';
+    END IF;
+END
+$$;
+
+CREATE TRIGGER _400_keep_traces
+    BEFORE DELETE ON sessiontag.conversations
+    FOR EACH ROW EXECUTE FUNCTION sessiontag._conversations_keep_traces();
+
+REVOKE ALL ON FUNCTION sessiontag._written_by_this_transaction(xid), sessiontag._conversations_keep_traces(),
+    sessiontag._not_on_a_shard(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION sessiontag._not_on_a_shard(text) TO sessiontag_app, sessiontag_user, sessiontag_reader;
+
+-- The owner's own model first, then a shared one; NULL when none. PL/pgSQL, like every
+-- function with parameters that reads a table: Citus cannot plan a SQL function's
+-- parameterized query.
+CREATE OR REPLACE FUNCTION sessiontag.model_id(model_key text, owner_id uuid DEFAULT NULL)
+RETURNS uuid
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN (SELECT m.id
+            FROM sessiontag.llm_models m
+            WHERE m.model_key = model_id.model_key
+              AND (m.owner_id = model_id.owner_id OR m.owner_id IS NULL)
+            ORDER BY m.owner_id IS NULL
+            LIMIT 1);
+END
+$$;
+
+-- The models a user can tag with (their own and the shared ones), or every model.
+CREATE OR REPLACE FUNCTION sessiontag.list_models(owner_id uuid DEFAULT NULL)
+RETURNS SETOF sessiontag.llm_models
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN QUERY
+    SELECT m.*
+    FROM sessiontag.llm_models m
+    WHERE list_models.owner_id IS NULL OR m.owner_id = list_models.owner_id OR m.owner_id IS NULL
+    ORDER BY m.name, m.owner_id NULLS FIRST, m.id;
+END
+$$;
+
+-- Trigger on conversations: numbers a new conversation of a tracked model, and checks
+-- every tag written. A caller may give its own session_id (a manual tag); one in the
+-- automatic form must have been handed out for this user and model (generate_session_tag)
+-- and be unused, so it can never collide with a number taken later. sessiontag's own
+-- functions number existing conversations (ensure_session_tag, the backfill) by writing
+-- session_counter, which no caller has the privilege to write: accepted only under the
+-- key's lock taken in this transaction (_lock_numbers), above its reserved numbers. A tag,
+-- once set, never changes, nor does the user or model of a numbered conversation. A
+-- conversation uses a shared model or its own user's. SECURITY DEFINER: it reads the
+-- counters; a user-scoped caller may only write its own user's conversations.
+CREATE OR REPLACE FUNCTION sessiontag._conversations_tag()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m sessiontag.llm_models;
+    parts text[];
+    number bigint;
+    reserved bigint;
+    top bigint;
+BEGIN
+    PERFORM sessiontag._check_user(NEW.user_id);
+    IF TG_OP = 'UPDATE' THEN
+        IF OLD.session_id IS NOT NULL AND (NEW.session_id IS DISTINCT FROM OLD.session_id
+                                           OR NEW.session_counter IS DISTINCT FROM OLD.session_counter) THEN
+            RAISE EXCEPTION 'conversation % already has session tag %; a tag never changes', OLD.id, OLD.session_id
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF OLD.session_counter IS NOT NULL AND (NEW.llm_model_id IS DISTINCT FROM OLD.llm_model_id
+                                                OR NEW.user_id IS DISTINCT FROM OLD.user_id) THEN
+            RAISE EXCEPTION 'conversation % is session % of its user and model; they never change', OLD.id,
+                OLD.session_id USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF NEW.session_id IS NOT DISTINCT FROM OLD.session_id
+           AND NEW.session_counter IS NOT DISTINCT FROM OLD.session_counter THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+
+    IF NEW.user_id IS NULL THEN
+        RAISE EXCEPTION 'user_id must not be NULL' USING ERRCODE = 'not_null_violation';
+    END IF;
+    IF NEW.llm_model_id IS NOT NULL THEN
+        SELECT * INTO m FROM sessiontag.llm_models
+        WHERE id = NEW.llm_model_id AND (owner_id IS NULL OR owner_id = NEW.user_id);
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'llm_model_id % is not a registered model', NEW.llm_model_id
+                USING ERRCODE = 'foreign_key_violation';
+        END IF;
+    END IF;
+
+    IF NEW.session_id IS NULL THEN
+        IF NEW.session_counter IS NOT NULL THEN
+            -- sessiontag's own functions numbering a conversation under the key's lock.
+            IF m.tracked AND EXISTS (SELECT FROM sessiontag.session_counters c
+                                     WHERE c.user_id = NEW.user_id AND c.model_id = m.id
+                                       AND sessiontag._written_by_this_transaction(c.xmin)
+                                       AND c.last_value < NEW.session_counter) THEN
+                NEW.session_id := sessiontag._format_tag(m.short_id, NEW.session_counter);
+                NEW.experiment_name := m.name;
+                RETURN NEW;
+            END IF;
+            RAISE EXCEPTION 'session_counter is assigned by sessiontag and cannot be given'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF TG_OP = 'INSERT' AND m.tracked THEN
+            NEW.session_counter := sessiontag._lock_numbers(NEW.user_id, m.id) + 1;
+            NEW.session_id := sessiontag._format_tag(m.short_id, NEW.session_counter);
+            NEW.experiment_name := m.name;
+        END IF;
+        RETURN NEW;
+    END IF;
+
+    parts := sessiontag._tag_parts(NEW.session_id);
+    IF parts IS NULL THEN
+        -- A manual tag: kept as given, numbered by nobody.
+        IF NEW.session_counter IS NOT NULL THEN
+            RAISE EXCEPTION 'session_counter is assigned by sessiontag and cannot be given'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    ELSE
+        IF m.id IS NULL THEN
+            SELECT * INTO m FROM sessiontag.llm_models WHERE short_id = parts[1];
+        END IF;
+        number := parts[2]::bigint;
+        -- Handed out: at most the key's highest number in use (reserved, or on a conversation).
+        SELECT c.last_value INTO reserved FROM sessiontag.session_counters c
+        WHERE c.user_id = NEW.user_id AND c.model_id = m.id;
+        SELECT max(v.session_counter) INTO top FROM sessiontag.conversations v
+        WHERE v.user_id = NEW.user_id AND v.llm_model_id = m.id;
+        IF m.short_id IS DISTINCT FROM parts[1]
+           OR number NOT BETWEEN 1 AND greatest(coalesce(reserved, 0), coalesce(top, 0))
+           OR coalesce(NEW.session_counter, number) <> number
+           OR NEW.session_id <> sessiontag._format_tag(m.short_id, number) THEN
+            RAISE EXCEPTION 'session_id % has the form of an automatic tag but was not issued for this user and model', NEW.session_id
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Take it from generate_session_tag in the same transaction, or choose a tag of another form.';
+        END IF;
+        NEW.llm_model_id := m.id;
+        NEW.session_counter := number;
+        NEW.experiment_name := coalesce(NEW.experiment_name, m.name);
+    END IF;
+
+    IF EXISTS (SELECT FROM sessiontag.conversations c
+               WHERE c.user_id = NEW.user_id AND c.session_id = NEW.session_id AND c.id <> NEW.id) THEN
+        RAISE EXCEPTION 'session_id % is already used by another conversation of user %', NEW.session_id, NEW.user_id
+            USING ERRCODE = 'unique_violation';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+-- Tags the staged spans' untagged conversations (analytics on), once each, with the first
+-- tracked model their spans name, else their own model. Locks are taken in (user, model,
+-- conversation) order, so concurrent batches cannot deadlock on them. The staging is read
+-- in a materialized CTE of its own (its row order, ctid, means nothing outside it: on
+-- Citus the rest of the query runs elsewhere), with the tracked models read first.
+CREATE OR REPLACE FUNCTION sessiontag._ingest_tag()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tracked uuid[];
+    r record;
+BEGIN
+    SELECT coalesce(array_agg(m.id), '{}') INTO tracked FROM sessiontag.llm_models m WHERE m.tracked;
+    FOR r IN
+        WITH staged AS MATERIALIZED (
+            SELECT s.user_id, s.conversation_id,
+                   (array_agg(s.model_id ORDER BY s.ctid) FILTER (WHERE s.model_id = ANY (tracked)))[1] AS model_id
+            FROM pg_temp.sessiontag_spans s
+            WHERE s.conversation_id IS NOT NULL
+            GROUP BY s.user_id, s.conversation_id
+        )
+        SELECT c.user_id, c.id AS conversation_id, x.model_id, c.llm_model_id
+        FROM staged x
+        JOIN sessiontag.conversations c ON c.user_id = x.user_id AND c.id = x.conversation_id
+        WHERE c.session_id IS NULL AND c.analytics_enabled
+        ORDER BY 1, coalesce(x.model_id, c.llm_model_id), 2
+    LOOP
+        PERFORM sessiontag.ensure_session_tag(r.conversation_id, r.model_id, r.user_id);
+    END LOOP;
+END
+$$;
+
+-- Ends the stored running spans that the staged finished spans end (from earlier calls or
+-- earlier in the batch); returns how many. An end before the stored start breaks
+-- llm_traces' CHECK (end_time >= start_time), and the caller's diagnosis names the row.
+CREATE OR REPLACE FUNCTION sessiontag._ingest_complete()
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    completed integer;
+BEGIN
+    WITH f AS MATERIALIZED (
+        -- The first finished staged row of each span ends it (the staging read on its own,
+        -- see _ingest_tag).
+        SELECT DISTINCT ON (s.user_id, s.trace_id, s.span_id)
+               s.user_id, s.trace_id, s.span_id, coalesce(s.status, 'success') AS status,
+               coalesce(s.end_time, now()) AS end_time, s.output_data, s.input_tokens, s.output_tokens,
+               s.cost_usd, s.error_message
+        FROM pg_temp.sessiontag_spans s
+        WHERE s.status IS DISTINCT FROM 'running'
+        ORDER BY s.user_id, s.trace_id, s.span_id, s.ctid
+    ), ended AS (
+        UPDATE sessiontag.llm_traces t
+        SET status = f.status,
+            end_time = f.end_time,
+            output_data = coalesce(f.output_data, t.output_data),
+            input_tokens = coalesce(f.input_tokens, t.input_tokens),
+            output_tokens = coalesce(f.output_tokens, t.output_tokens),
+            cost_usd = coalesce(f.cost_usd, t.cost_usd),
+            error_message = coalesce(f.error_message, t.error_message)
+        FROM f
+        WHERE t.user_id = f.user_id AND t.trace_id = f.trace_id AND t.span_id = f.span_id AND t.status = 'running'
+        RETURNING 1)
+    SELECT count(*) INTO completed FROM ended;
+    RETURN completed;
+END
+$$;
+
+-- Stores a JSON array of finished or started spans (keys: record_trace's parameter
+-- names; status running and no end_time for a started span) and returns how many of its
+-- elements took effect: inserted a span, or ended a running one. All or nothing: on bad
+-- input it raises, naming the first bad element and field ('spans[3].status: ...'), and
+-- stores nothing. Spans already stored are not stored again (a finished one ends a stored
+-- running one); spans of conversations with analytics off are skipped. Neither counts.
+-- A user-scoped caller may only store spans of its own user_id: the first other one is
+-- refused with 42501, naming it ('spans[3].user_id: ...').
+--
+-- The staging must hold no rows of a COPY not yet ingested: the mover would take them too.
+CREATE OR REPLACE FUNCTION sessiontag.ingest_traces(spans jsonb)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET jit = off  -- compiling the batch's statements costs more than running them
+AS $$
+DECLARE
+    scoped uuid := sessiontag._check_user();
+    -- The spans as staging rows ($1: spans, $2: scoped), after the checks only JSON needs
+    -- (they mirror the JSON part of _element_problem); the times are cast only after
+    -- them. OFFSET 0 keeps these checks first, below the mover's.
+    json_source CONSTANT text := $sql$(
+        SELECT r.user_id, r.trace_id, r.span_id, r.span_name, r.operation_type, r.conversation_id,
+               r.parent_span_id, r.model_id, r.model_name, r.model_provider, r.session_tag, r.input_data,
+               r.metadata, r.start_time::timestamptz AS start_time, r.status, r.output_data, r.input_tokens,
+               r.output_tokens, r.cost_usd, r.error_message, r.end_time::timestamptz AS end_time, r.message_id
+        FROM jsonb_array_elements($1) AS e(elem)
+        -- One record per element, beside it (Citus cannot plan ROWS FROM of two functions).
+        CROSS JOIN LATERAL jsonb_to_record(e.elem) AS r(
+                user_id uuid, trace_id text, span_id text, span_name text, operation_type text,
+                conversation_id uuid, parent_span_id text, model_id uuid, model_name text, model_provider text,
+                session_tag text, input_data jsonb, metadata jsonb, start_time text, status text,
+                output_data jsonb, input_tokens integer, output_tokens integer, cost_usd numeric,
+                error_message text, end_time text, message_id text)
+        WHERE CASE
+            WHEN e.elem - sessiontag._span_fields() <> '{}'::jsonb
+              -- _span_text_fields(), written out: a subquery over it per row would cost more.
+              OR jsonb_typeof(e.elem -> 'trace_id') NOT IN ('string', 'null')
+              OR jsonb_typeof(e.elem -> 'span_id') NOT IN ('string', 'null')
+              OR jsonb_typeof(e.elem -> 'parent_span_id') NOT IN ('string', 'null')
+              OR jsonb_typeof(e.elem -> 'span_name') NOT IN ('string', 'null')
+              OR jsonb_typeof(e.elem -> 'operation_type') NOT IN ('string', 'null')
+              OR jsonb_typeof(e.elem -> 'model_name') NOT IN ('string', 'null')
+              OR jsonb_typeof(e.elem -> 'model_provider') NOT IN ('string', 'null')
+              OR jsonb_typeof(e.elem -> 'session_tag') NOT IN ('string', 'null')
+              OR jsonb_typeof(e.elem -> 'status') NOT IN ('string', 'null')
+              OR jsonb_typeof(e.elem -> 'error_message') NOT IN ('string', 'null')
+              OR jsonb_typeof(e.elem -> 'message_id') NOT IN ('string', 'null')
+              OR r.start_time !~ sessiontag._iso_time_pattern()
+              OR r.end_time !~ sessiontag._iso_time_pattern()
+              OR r.user_id <> $2
+            THEN sessiontag._invalid_span()
+            ELSE true
+        END
+        ) s$sql$;
+    stored bigint;
+    err_state text;
+    err_message text;
+    err_detail text;
+BEGIN
+    IF ingest_traces.spans IS NULL THEN
+        RAISE EXCEPTION 'spans must not be NULL' USING ERRCODE = 'null_value_not_allowed', COLUMN = 'spans';
+    END IF;
+    IF jsonb_typeof(ingest_traces.spans) <> 'array' THEN
+        RAISE EXCEPTION 'spans must be a JSON array, got %', jsonb_typeof(ingest_traces.spans)
+            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'spans';
+    END IF;
+    IF jsonb_array_length(ingest_traces.spans) = 0 THEN
+        RETURN 0;
+    END IF;
+    PERFORM sessiontag.create_span_staging();
+    IF EXISTS (SELECT FROM pg_temp.sessiontag_spans) THEN
+        RAISE EXCEPTION 'the span staging holds rows not yet ingested'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Call sessiontag.ingest_staged_spans() for them first.';
+    END IF;
+    BEGIN
+        -- The fast path: straight from the JSON into llm_traces (no staging to write and
+        -- read), when every span goes in. Otherwise through the staging and the mover.
+        BEGIN
+            EXECUTE sessiontag._ingest_insert_sql(json_source, true) INTO stored USING ingest_traces.spans, scoped;
+        EXCEPTION WHEN unique_violation THEN
+            stored := 0;
+        END;
+        IF stored < jsonb_array_length(ingest_traces.spans) THEN
+            EXECUTE 'INSERT INTO pg_temp.sessiontag_spans SELECT s.* FROM ' || json_source
+                USING ingest_traces.spans, scoped;
+            stored := stored + sessiontag._ingest_staged(scoped, stored > 0);
+        END IF;
+        RETURN stored;
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT,
+                                err_detail = PG_EXCEPTION_DETAIL;
+    END;
+    PERFORM sessiontag._diagnose(ingest_traces.spans, scoped, err_state, err_message, err_detail);
+    RETURN NULL;  -- not reached: _diagnose raises
+END
+$$;
+
+-- Spans, newest first, with every filter optional. `search` is a literal,
+-- case-insensitive substring of the tag, trace id, span name or model name: % and _
+-- match only themselves. The query is built from the filters actually given, so the
+-- planner picks the index that serves them.
+CREATE OR REPLACE FUNCTION sessiontag.list_traces(
+    user_id uuid DEFAULT NULL,
+    session_tag text DEFAULT NULL,
+    conversation_id uuid DEFAULT NULL,
+    trace_id text DEFAULT NULL,
+    model_name text DEFAULT NULL,
+    status text DEFAULT NULL,
+    operation_type text DEFAULT NULL,
+    since timestamptz DEFAULT NULL,
+    until timestamptz DEFAULT NULL,
+    search text DEFAULT NULL,
+    roots_only boolean DEFAULT false,
+    after text DEFAULT NULL,
+    page_size integer DEFAULT 50
+)
+RETURNS SETOF sessiontag.trace_listing
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    size integer := sessiontag._check_page_size(list_traces.page_size);
+    after_at timestamptz;
+    after_user uuid;
+    after_id uuid;
+    q text := 'SELECT t.id, t.user_id, t.session_tag, t.trace_id, t.span_id, t.parent_span_id, t.conversation_id,'
+              ' t.message_id, t.span_name, t.operation_type, t.model_id, t.model_name, t.model_provider, t.status,'
+              ' t.start_time, t.end_time, t.duration_ms, t.input_tokens, t.output_tokens, t.cost_usd::numeric,'
+              ' t.error_message, t.input_data, t.output_data, t.metadata, t.created_at,'
+              ' sessiontag._encode_cursor(t.start_time, t.user_id, t.id)'
+              ' FROM sessiontag.llm_traces t WHERE true';
+BEGIN
+    PERFORM sessiontag._not_on_a_shard('list_traces');
+    IF list_traces.status IS NOT NULL AND list_traces.status NOT IN ('running', 'success', 'error', 'cancelled') THEN
+        RAISE EXCEPTION 'status must be one of running, success, error, cancelled; got %', list_traces.status
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM sessiontag._check_range(list_traces.since, list_traces.until);
+    IF list_traces.search = '' THEN
+        RAISE EXCEPTION 'search must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF list_traces.after IS NOT NULL THEN
+        SELECT d.at, d.user_id, d.id INTO after_at, after_user, after_id
+        FROM sessiontag._decode_cursor(list_traces.after, 'after') d;
+        q := q || ' AND (t.start_time, t.user_id, t.id) < ($12, $13, $14)';
+    END IF;
+    IF list_traces.user_id IS NOT NULL THEN q := q || ' AND t.user_id = $1'; END IF;
+    IF list_traces.session_tag IS NOT NULL THEN q := q || ' AND t.session_tag = $2'; END IF;
+    IF list_traces.conversation_id IS NOT NULL THEN q := q || ' AND t.conversation_id = $3'; END IF;
+    IF list_traces.trace_id IS NOT NULL THEN q := q || ' AND t.trace_id = $4'; END IF;
+    IF list_traces.model_name IS NOT NULL THEN q := q || ' AND t.model_name = $5'; END IF;
+    IF list_traces.status IS NOT NULL THEN q := q || ' AND t.status = $6'; END IF;
+    IF list_traces.operation_type IS NOT NULL THEN q := q || ' AND t.operation_type = $7'; END IF;
+    IF list_traces.since IS NOT NULL THEN q := q || ' AND t.start_time >= $8'; END IF;
+    IF list_traces.until IS NOT NULL THEN q := q || ' AND t.start_time < $9'; END IF;
+    IF list_traces.search IS NOT NULL THEN
+        q := q || ' AND (strpos(lower(t.session_tag), $10) > 0 OR strpos(lower(t.trace_id), $10) > 0'
+                  ' OR strpos(lower(t.span_name), $10) > 0 OR strpos(lower(t.model_name), $10) > 0)';
+    END IF;
+    IF list_traces.roots_only THEN q := q || ' AND t.parent_span_id IS NULL'; END IF;
+    q := q || ' ORDER BY t.start_time DESC, t.user_id DESC, t.id DESC LIMIT $11';
+    RETURN QUERY EXECUTE q USING list_traces.user_id, list_traces.session_tag, list_traces.conversation_id,
+        list_traces.trace_id, list_traces.model_name, list_traces.status, list_traces.operation_type,
+        list_traces.since, list_traces.until, lower(list_traces.search), size, after_at, after_user, after_id;
+END
+$$;
+
+-- Every span of one trace, parents before children (siblings by start time), with depth
+-- (0 for roots). A span whose parent is not recorded counts as a root; spans whose
+-- parents form a cycle come last, each as a root, so no span is ever left out.
+CREATE OR REPLACE FUNCTION sessiontag.get_trace(user_id uuid, trace_id text)
+RETURNS SETOF sessiontag.trace_span
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM sessiontag._not_on_a_shard('get_trace');
+    IF get_trace.user_id IS NULL THEN
+        RAISE EXCEPTION 'user_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF get_trace.trace_id IS NULL THEN
+        RAISE EXCEPTION 'trace_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    RETURN QUERY
+    WITH RECURSIVE spans AS (
+        SELECT s.* FROM sessiontag.llm_traces s
+        WHERE s.user_id = get_trace.user_id AND s.trace_id = get_trace.trace_id
+    ), tree AS (
+        SELECT s.span_id, 0 AS depth,
+               ARRAY[to_char(s.start_time AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISSUS') || s.span_id] AS path
+        FROM spans s
+        WHERE s.parent_span_id IS NULL
+           OR NOT EXISTS (SELECT FROM spans p WHERE p.span_id = s.parent_span_id)
+        UNION ALL
+        SELECT s.span_id, tree.depth + 1,
+               tree.path || (to_char(s.start_time AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISSUS') || s.span_id)
+        FROM spans s
+        JOIN tree ON s.parent_span_id = tree.span_id
+        WHERE tree.depth < 1000
+    ), placed AS (
+        SELECT tree.span_id, tree.depth, tree.path FROM tree
+        UNION ALL
+        -- Spans no root reaches (their parents form a cycle): shown last, as roots.
+        SELECT s.span_id, 0, ARRAY['~' || to_char(s.start_time AT TIME ZONE 'UTC', 'YYYYMMDDHH24MISSUS') || s.span_id]
+        FROM spans s
+        WHERE NOT EXISTS (SELECT FROM tree WHERE tree.span_id = s.span_id)
+    )
+    SELECT s.id, s.user_id, s.session_tag, s.trace_id, s.span_id, s.parent_span_id, s.conversation_id,
+           s.message_id, s.span_name, s.operation_type, s.model_id, s.model_name, s.model_provider, s.status,
+           s.start_time, s.end_time, s.duration_ms, s.input_tokens, s.output_tokens, s.cost_usd::numeric,
+           s.error_message, s.input_data, s.output_data, s.metadata, s.created_at, placed.depth
+    FROM placed JOIN spans s ON s.span_id = placed.span_id
+    ORDER BY placed.path;
+END
+$$;
+
+-- Tagged conversations, newest first, with their metrics.
+CREATE OR REPLACE FUNCTION sessiontag.list_sessions(
+    user_id uuid DEFAULT NULL,
+    model_id uuid DEFAULT NULL,
+    since timestamptz DEFAULT NULL,
+    until timestamptz DEFAULT NULL,
+    after text DEFAULT NULL,
+    page_size integer DEFAULT 50
+)
+RETURNS SETOF sessiontag.session_summary
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    size integer := sessiontag._check_page_size(list_sessions.page_size);
+    after_at timestamptz;
+    after_user uuid;
+    after_id uuid;
+    user_ids uuid[];
+    ids uuid[];
+    q text := 'SELECT array_agg(p.user_id ORDER BY p.created_at DESC, p.user_id DESC, p.id DESC),'
+              ' array_agg(p.id ORDER BY p.created_at DESC, p.user_id DESC, p.id DESC)'
+              ' FROM (SELECT v.user_id, v.id, v.created_at FROM sessiontag.conversations v'
+              ' WHERE v.session_id IS NOT NULL';
+BEGIN
+    PERFORM sessiontag._not_on_a_shard('list_sessions');
+    PERFORM sessiontag._check_range(list_sessions.since, list_sessions.until);
+    IF list_sessions.after IS NOT NULL THEN
+        SELECT d.at, d.user_id, d.id INTO after_at, after_user, after_id
+        FROM sessiontag._decode_cursor(list_sessions.after, 'after') d;
+        q := q || ' AND (v.created_at, v.user_id, v.id) < ($6, $7, $8)';
+    END IF;
+    IF list_sessions.user_id IS NOT NULL THEN q := q || ' AND v.user_id = $1'; END IF;
+    IF list_sessions.model_id IS NOT NULL THEN q := q || ' AND v.llm_model_id = $2'; END IF;
+    IF list_sessions.since IS NOT NULL THEN q := q || ' AND v.created_at >= $3'; END IF;
+    IF list_sessions.until IS NOT NULL THEN q := q || ' AND v.created_at < $4'; END IF;
+    q := q || ' ORDER BY v.created_at DESC, v.user_id DESC, v.id DESC LIMIT $5) p';
+    EXECUTE q INTO user_ids, ids USING list_sessions.user_id, list_sessions.model_id, list_sessions.since,
+        list_sessions.until, size, after_at, after_user, after_id;
+    RETURN QUERY SELECT * FROM sessiontag._summarize(user_ids, ids);
+END
+$$;
+
+-- The list_sessions row of one session. Each user numbers their own sessions, so
+-- several users may hold the same tag: without user_id there is one row per such user.
+CREATE OR REPLACE FUNCTION sessiontag.session_summary(session_id text, user_id uuid DEFAULT NULL)
+RETURNS SETOF sessiontag.session_summary
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    user_ids uuid[];
+    ids uuid[];
+BEGIN
+    PERFORM sessiontag._not_on_a_shard('session_summary');
+    IF session_summary.session_id IS NULL THEN
+        RAISE EXCEPTION 'session_id must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT array_agg(v.user_id ORDER BY v.created_at, v.user_id), array_agg(v.id ORDER BY v.created_at, v.user_id)
+    INTO user_ids, ids
+    FROM sessiontag.conversations v
+    WHERE v.session_id = session_summary.session_id
+      AND (session_summary.user_id IS NULL OR v.user_id = session_summary.user_id);
+    RETURN QUERY SELECT * FROM sessiontag._summarize(user_ids, ids);
+END
+$$;
+
+-- Models side by side over their tagged sessions (created in [since, until)): sessions,
+-- traces, the share of traces with an error span, llm_call latency, usage and cost.
+CREATE OR REPLACE FUNCTION sessiontag.compare_models(
+    user_id uuid DEFAULT NULL,
+    model_ids uuid[] DEFAULT NULL,
+    since timestamptz DEFAULT NULL,
+    until timestamptz DEFAULT NULL
+)
+RETURNS TABLE (
+    model_id uuid, model_name text, provider text, sessions bigint, traces bigint, error_rate double precision,
+    p50_ms double precision, p95_ms double precision, input_tokens bigint, output_tokens bigint,
+    cost_usd numeric, cost_per_session numeric
+)
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM sessiontag._not_on_a_shard('compare_models');
+    PERFORM sessiontag._check_range(compare_models.since, compare_models.until);
+    RETURN QUERY
+    WITH s AS (
+        SELECT v.user_id, v.session_id, v.llm_model_id
+        FROM sessiontag.conversations v
+        WHERE v.session_id IS NOT NULL AND v.llm_model_id IS NOT NULL
+          AND (compare_models.user_id IS NULL OR v.user_id = compare_models.user_id)
+          AND (compare_models.model_ids IS NULL OR v.llm_model_id = ANY (compare_models.model_ids))
+          AND (compare_models.since IS NULL OR v.created_at >= compare_models.since)
+          AND (compare_models.until IS NULL OR v.created_at < compare_models.until)
+    ), spans AS (
+        SELECT s.llm_model_id, t.user_id, t.trace_id, t.status, t.operation_type, t.duration_ms,
+               t.input_tokens, t.output_tokens, t.cost_usd
+        FROM s JOIN sessiontag.llm_traces t ON t.user_id = s.user_id AND t.session_tag = s.session_id
+    ), per_model AS (
+        SELECT sp.llm_model_id,
+               count(DISTINCT (sp.user_id, sp.trace_id)) AS traces,
+               count(DISTINCT (sp.user_id, sp.trace_id)) FILTER (WHERE sp.status = 'error') AS failed,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY sp.duration_ms) FILTER (WHERE sp.operation_type = 'llm_call') AS p50,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY sp.duration_ms) FILTER (WHERE sp.operation_type = 'llm_call') AS p95,
+               coalesce(sum(sp.input_tokens), 0) AS input_tokens,
+               coalesce(sum(sp.output_tokens), 0) AS output_tokens,
+               coalesce(sum(sp.cost_usd), 0) AS cost
+        FROM spans sp GROUP BY sp.llm_model_id
+    ), per_model_sessions AS (
+        SELECT s.llm_model_id, count(*) AS sessions FROM s GROUP BY s.llm_model_id
+    )
+    SELECT m.id, m.name, m.provider, ms.sessions, coalesce(pm.traces, 0),
+           CASE WHEN coalesce(pm.traces, 0) = 0 THEN NULL ELSE pm.failed::double precision / pm.traces END,
+           pm.p50, pm.p95, coalesce(pm.input_tokens, 0)::bigint, coalesce(pm.output_tokens, 0)::bigint,
+           coalesce(pm.cost, 0)::numeric, round(coalesce(pm.cost, 0) / ms.sessions, 8)::numeric
+    FROM per_model_sessions ms
+    JOIN sessiontag.llm_models m ON m.id = ms.llm_model_id
+    LEFT JOIN per_model pm ON pm.llm_model_id = ms.llm_model_id
+    ORDER BY m.name, m.id;
+END
+$$;
+
+-- The user the calling role is confined to: NULL for an unrestricted caller (the owner,
+-- a superuser or BYPASSRLS role, sessiontag_app, sessiontag_reader), the setting
+-- sessiontag.user_id for a member of sessiontag_user; raises 42501 for a member of
+-- sessiontag_user when the setting is missing, and when user_id is given and is another
+-- user (NULL is left to the caller's own checks). The calling role is the outer one (SET
+-- ROLE's, else the session's): inside a SECURITY DEFINER function current_user is the
+-- owner. Every write path runs it, so it is written for speed: the common unrestricted
+-- caller costs one simple expression (a test with a subquery would run the executor).
+CREATE OR REPLACE FUNCTION sessiontag._check_user(user_id uuid DEFAULT NULL)
+RETURNS uuid
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    caller text := current_setting('role');
+    setting text;
+    scoped uuid;
+BEGIN
+    IF caller = 'none' THEN
+        caller := session_user;
+    END IF;
+    IF NOT pg_has_role(caller, 'sessiontag_user', 'USAGE') THEN
+        RETURN NULL;
+    END IF;
+    -- pg_has_role is true for superusers; they, and BYPASSRLS roles, are unrestricted.
+    IF EXISTS (SELECT FROM pg_roles r WHERE r.rolname = caller AND (r.rolsuper OR r.rolbypassrls)) THEN
+        RETURN NULL;
+    END IF;
+    setting := nullif(current_setting('sessiontag.user_id', true), '');
+    IF setting IS NULL THEN
+        RAISE EXCEPTION 'role % acts for one user only, and sessiontag.user_id is not set', caller
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Run SET LOCAL sessiontag.user_id = ''<user uuid>'' in the transaction first.';
+    END IF;
+    IF setting !~* '^[0-9a-f]{8}-?([0-9a-f]{4}-?){3}[0-9a-f]{12}$' THEN
+        RAISE EXCEPTION 'sessiontag.user_id must be a user uuid, got %', quote_literal(setting)
+            USING ERRCODE = 'invalid_text_representation';
+    END IF;
+    scoped := setting::uuid;
+    IF _check_user.user_id <> scoped THEN
+        RAISE EXCEPTION 'user_id % is not the user of this session (sessiontag.user_id)', _check_user.user_id
+            USING ERRCODE = 'insufficient_privilege', COLUMN = 'user_id';
+    END IF;
+    RETURN scoped;
+END
+$$;
+
+-- Feedback, newest first (by when it was first recorded), every filter optional; keyset
+-- pagination as in list_traces.
+CREATE OR REPLACE FUNCTION sessiontag.list_feedback(
+    user_id uuid DEFAULT NULL,
+    conversation_id uuid DEFAULT NULL,
+    session_id text DEFAULT NULL,
+    trace_id text DEFAULT NULL,
+    name text DEFAULT NULL,
+    after text DEFAULT NULL,
+    page_size integer DEFAULT 50
+)
+RETURNS SETOF sessiontag.feedback_listing
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    size integer := sessiontag._check_page_size(list_feedback.page_size);
+    after_at timestamptz;
+    after_user uuid;
+    after_id uuid;
+BEGIN
+    PERFORM sessiontag._not_on_a_shard('list_feedback');
+    IF list_feedback.after IS NOT NULL THEN
+        SELECT d.at, d.user_id, d.id INTO after_at, after_user, after_id
+        FROM sessiontag._decode_cursor(list_feedback.after, 'after') d;
+    END IF;
+    RETURN QUERY
+    SELECT f.id, f.user_id, c.session_id, f.conversation_id, f.trace_id, f.span_id, f.name, f.value, f.label,
+           f.comment, f.source, f.created_at, f.updated_at, sessiontag._encode_cursor(f.created_at, f.user_id, f.id)
+    FROM sessiontag.feedback f
+    LEFT JOIN sessiontag.conversations c ON c.user_id = f.user_id AND c.id = f.conversation_id
+    WHERE (list_feedback.user_id IS NULL OR f.user_id = list_feedback.user_id)
+      AND (list_feedback.conversation_id IS NULL OR f.conversation_id = list_feedback.conversation_id)
+      AND (list_feedback.session_id IS NULL OR c.session_id = list_feedback.session_id)
+      AND (list_feedback.trace_id IS NULL OR f.trace_id = list_feedback.trace_id)
+      AND (list_feedback.name IS NULL OR f.name = list_feedback.name)
+      AND (after_at IS NULL OR (f.created_at, f.user_id, f.id) < (after_at, after_user, after_id))
+    ORDER BY f.created_at DESC, f.user_id DESC, f.id DESC
+    LIMIT size;
+END
+$$;
+
+-- Per model and metric over tagged sessions created in [since, until): the value with its
+-- interval and, with a baseline, the difference model - baseline with its interval and a
+-- verdict. Metrics (each session counts once):
+--   error_rate        share of sessions with an error span; Wilson, Newcombe
+--   latency_ms        median over sessions of each session's median llm_call duration;
+--                     order statistics, Price–Bonett
+--   cost_per_session  mean of each session's total cost; t, Welch
+--   feedback          (with feedback_name) mean over the sessions that have a value of
+--                     each session's mean value of that name; t, Welch
+-- The baseline is compared even when model_ids leaves it out.
+CREATE OR REPLACE FUNCTION sessiontag.compare_metrics(
+    user_id uuid DEFAULT NULL,
+    model_ids uuid[] DEFAULT NULL,
+    since timestamptz DEFAULT NULL,
+    until timestamptz DEFAULT NULL,
+    baseline_model_id uuid DEFAULT NULL,
+    feedback_name text DEFAULT NULL,
+    confidence numeric DEFAULT 0.95
+)
+RETURNS TABLE (
+    model_id uuid, model_name text, metric text, sessions bigint, value double precision, low double precision,
+    high double precision, diff double precision, diff_low double precision, diff_high double precision,
+    verdict text
+)
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    conf double precision := compare_metrics.confidence;
+BEGIN
+    PERFORM sessiontag._not_on_a_shard('compare_metrics');
+    PERFORM sessiontag._check_range(compare_metrics.since, compare_metrics.until);
+    IF conf IS NULL OR NOT (conf > 0 AND conf < 1) THEN
+        RAISE EXCEPTION 'confidence must be between 0 and 1 (exclusive), got %',
+            coalesce(compare_metrics.confidence::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'confidence';
+    END IF;
+    IF compare_metrics.feedback_name = '' THEN
+        RAISE EXCEPTION 'feedback_name must not be empty' USING ERRCODE = 'invalid_parameter_value',
+            COLUMN = 'feedback_name';
+    END IF;
+    IF compare_metrics.baseline_model_id IS NOT NULL
+       AND NOT EXISTS (SELECT FROM sessiontag.llm_models m WHERE m.id = compare_metrics.baseline_model_id) THEN
+        RAISE EXCEPTION 'baseline_model_id % is not a registered model', compare_metrics.baseline_model_id
+            USING ERRCODE = 'no_data_found', COLUMN = 'baseline_model_id';
+    END IF;
+    RETURN QUERY
+    WITH s AS (
+        SELECT v.user_id, v.id, v.session_id, v.llm_model_id
+        FROM sessiontag.conversations v
+        WHERE v.session_id IS NOT NULL AND v.llm_model_id IS NOT NULL
+          AND (compare_metrics.user_id IS NULL OR v.user_id = compare_metrics.user_id)
+          AND (compare_metrics.model_ids IS NULL OR v.llm_model_id = ANY (compare_metrics.model_ids)
+               OR v.llm_model_id = compare_metrics.baseline_model_id)
+          AND (compare_metrics.since IS NULL OR v.created_at >= compare_metrics.since)
+          AND (compare_metrics.until IS NULL OR v.created_at < compare_metrics.until)
+    ), per_session AS (
+        SELECT s.llm_model_id,
+               coalesce(bool_or(t.status = 'error'), false) AS failed,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY t.duration_ms)
+                   FILTER (WHERE t.operation_type = 'llm_call' AND t.duration_ms IS NOT NULL) AS latency,
+               coalesce(sum(t.cost_usd), 0)::double precision AS cost
+        FROM s LEFT JOIN sessiontag.llm_traces t ON t.user_id = s.user_id AND t.session_tag = s.session_id
+        GROUP BY s.user_id, s.id, s.llm_model_id
+    ), per_model AS (
+        SELECT ps.llm_model_id,
+               count(*) AS n,
+               count(*) FILTER (WHERE ps.failed) AS failed,
+               avg(ps.cost) AS cost_mean,
+               var_samp(ps.cost) AS cost_var,
+               count(ps.latency) AS n_latency,
+               array_agg(ps.latency ORDER BY ps.latency) FILTER (WHERE ps.latency IS NOT NULL) AS latencies
+        FROM per_session ps GROUP BY ps.llm_model_id
+    ), scores AS (  -- each session's mean value of feedback_name
+        SELECT s.llm_model_id, avg(f.value)::double precision AS score
+        FROM s JOIN sessiontag.feedback f ON f.user_id = s.user_id AND f.conversation_id = s.id
+        WHERE compare_metrics.feedback_name IS NOT NULL AND f.name = compare_metrics.feedback_name
+          AND f.value IS NOT NULL
+        GROUP BY s.user_id, s.id, s.llm_model_id
+    ), per_model_scores AS (
+        SELECT sc.llm_model_id, count(*) AS n, avg(sc.score) AS mean, var_samp(sc.score) AS var
+        FROM scores sc GROUP BY sc.llm_model_id
+    ), models AS (  -- every model with sessions, and the baseline even without
+        SELECT m.id, m.name, coalesce(m.id = compare_metrics.baseline_model_id, false) AS is_baseline,
+               coalesce(pm.n, 0) AS n, coalesce(pm.failed, 0) AS failed, pm.cost_mean, pm.cost_var,
+               coalesce(pm.n_latency, 0) AS n_latency, pm.latencies,
+               coalesce(pf.n, 0) AS n_scores, pf.mean AS score_mean, pf.var AS score_var
+        FROM sessiontag.llm_models m
+        LEFT JOIN per_model pm ON pm.llm_model_id = m.id
+        LEFT JOIN per_model_scores pf ON pf.llm_model_id = m.id
+        WHERE pm.llm_model_id IS NOT NULL OR m.id = compare_metrics.baseline_model_id
+    ), pairs AS (  -- each model with the baseline's figures (NULL without a baseline)
+        SELECT m.*, b.n AS b_n, b.failed AS b_failed, b.cost_mean AS b_cost_mean, b.cost_var AS b_cost_var,
+               b.n_latency AS b_n_latency, b.latencies AS b_latencies, b.n_scores AS b_n_scores,
+               b.score_mean AS b_score_mean, b.score_var AS b_score_var,
+               b.id IS NOT NULL AND NOT m.is_baseline AS compared
+        FROM models m LEFT JOIN models b ON b.is_baseline
+    ), metric_rows AS (
+        SELECT 1 AS ord, p.id, p.name, p.is_baseline, 'error_rate' AS metric, p.n,
+               CASE WHEN p.n > 0 THEN p.failed::double precision / p.n END AS v, w.low, w.high,
+               d.diff, d.low AS dlow, d.high AS dhigh, false AS higher_is_better, p.b_n, p.compared
+        FROM pairs p
+        LEFT JOIN LATERAL sessiontag._wilson(p.failed, p.n, conf) w ON true
+        LEFT JOIN LATERAL sessiontag._newcombe(p.failed, p.n, p.b_failed, p.b_n, conf) d ON p.compared
+        UNION ALL
+        SELECT 2, p.id, p.name, p.is_baseline, 'latency_ms', p.n_latency, mi.median, mi.low, mi.high,
+               d.diff, d.low, d.high, false, p.b_n_latency, p.compared
+        FROM pairs p
+        LEFT JOIN LATERAL sessiontag._median_interval(p.latencies, conf) mi ON true
+        LEFT JOIN LATERAL sessiontag._median_diff(p.latencies, p.b_latencies, conf) d
+            ON p.compared AND p.n_latency >= 2 AND p.b_n_latency >= 2
+        UNION ALL
+        SELECT 3, p.id, p.name, p.is_baseline, 'cost_per_session', p.n, p.cost_mean, ti.low, ti.high,
+               d.diff, d.low, d.high, false, p.b_n, p.compared
+        FROM pairs p
+        LEFT JOIN LATERAL sessiontag._t_interval(p.cost_mean, p.cost_var, p.n, conf) ti ON true
+        LEFT JOIN LATERAL sessiontag._welch(p.cost_mean, p.cost_var, p.n, p.b_cost_mean, p.b_cost_var, p.b_n, conf) d
+            ON p.compared
+        UNION ALL
+        SELECT 4, p.id, p.name, p.is_baseline, 'feedback', p.n_scores, p.score_mean, ti.low, ti.high,
+               d.diff, d.low, d.high, true, p.b_n_scores, p.compared
+        FROM pairs p
+        LEFT JOIN LATERAL sessiontag._t_interval(p.score_mean, p.score_var, p.n_scores, conf) ti ON true
+        LEFT JOIN LATERAL sessiontag._welch(p.score_mean, p.score_var, p.n_scores, p.b_score_mean, p.b_score_var,
+                                            p.b_n_scores, conf) d ON p.compared
+        WHERE compare_metrics.feedback_name IS NOT NULL
+    )
+    SELECT r.id, r.name, r.metric, r.n, r.v, r.low, r.high,
+           CASE WHEN r.compared THEN r.diff END, CASE WHEN r.compared THEN r.dlow END,
+           CASE WHEN r.compared THEN r.dhigh END,
+           CASE WHEN r.compared THEN sessiontag._verdict(r.dlow, r.dhigh, r.higher_is_better, r.n, r.b_n) END
+    FROM metric_rows r
+    ORDER BY r.ord, r.is_baseline DESC, r.name, r.id;
+END
+$$;
+
+-- Column grants with every defaulted column: Citus writes defaults to the shard explicitly.
+GRANT INSERT (tracked, created_at) ON sessiontag.llm_models TO sessiontag_app;
+GRANT INSERT (created_at) ON sessiontag.conversations TO sessiontag_app, sessiontag_user;
+
+-- One permissive policy per table.
+DROP POLICY own_rows ON sessiontag.llm_models;
+DROP POLICY own_rows ON sessiontag.conversations;
+DROP POLICY own_rows ON sessiontag.llm_traces;
+DROP POLICY own_rows ON sessiontag.session_counters;
+DROP POLICY access ON sessiontag.llm_models;
+DROP POLICY access ON sessiontag.conversations;
+DROP POLICY access ON sessiontag.llm_traces;
+DROP POLICY access ON sessiontag.session_counters;
+DROP POLICY access ON sessiontag.feedback;
+
+-- A user sees the shared models and its own, and changes none (no privilege to).
+CREATE POLICY access ON sessiontag.llm_models TO PUBLIC
+    USING (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER') OR owner_id IS NULL
+           OR owner_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid)
+    WITH CHECK (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+                OR owner_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid);
+CREATE POLICY access ON sessiontag.conversations TO PUBLIC
+    USING (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+           OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid)
+    WITH CHECK (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+                OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid);
+CREATE POLICY access ON sessiontag.llm_traces TO PUBLIC
+    USING (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+           OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid)
+    WITH CHECK (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+                OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid);
+CREATE POLICY access ON sessiontag.session_counters TO PUBLIC
+    USING (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+           OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid)
+    WITH CHECK (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+                OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid);
+
+CREATE POLICY access ON sessiontag.feedback TO PUBLIC
+    USING (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+           OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid)
+    WITH CHECK (NOT pg_catalog.pg_has_role(current_user, 'sessiontag_user', 'MEMBER')
+                OR user_id = nullif(pg_catalog.current_setting('sessiontag.user_id', true), '')::uuid);
+
+-- Distributes the schema; returns each table with its distribution and whether this call
+-- changed it. Idempotent: a second call changes nothing. Runs in the caller's
+-- transaction, so it is all or nothing.
+CREATE FUNCTION sessiontag.distribute(shard_count integer DEFAULT NULL)
+RETURNS TABLE (table_name text, distribution text, changed boolean)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t record;
+    fk record;
+    trig record;
+    fks text[] := '{}'::text[];
+    citus_call text;
+    first_distributed regclass;
+    kind text;
+    done boolean;
+BEGIN
+    IF distribute.shard_count IS NOT NULL AND distribute.shard_count NOT BETWEEN 1 AND 64000 THEN
+        RAISE EXCEPTION 'shard_count must be between 1 and 64000, got %', distribute.shard_count
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_extension e WHERE e.extname = 'citus') THEN
+        RAISE EXCEPTION 'distribute needs the citus extension, and database % does not have it', current_database()
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Run CREATE EXTENSION citus and add the worker nodes (citus_add_node) first.';
+    END IF;
+    -- The triggers (tagging, short ids, numbers kept) run on the shards, where each
+    -- statement of one user finds that user's rows on the same node. SET LOCAL of
+    -- sessiontag.user_id must reach the workers, where row-level security reads it.
+    -- Settings of the database, for every later session, and of this transaction.
+    EXECUTE format('ALTER DATABASE %I SET citus.enable_unsafe_triggers = on', current_database());
+    EXECUTE format('ALTER DATABASE %I SET citus.propagate_set_commands = local', current_database());
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    PERFORM set_config('citus.propagate_set_commands', 'local', true);
+    -- One connection per node: the copies and DDL below run in one transaction.
+    PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
+    IF distribute.shard_count IS NOT NULL THEN
+        PERFORM set_config('citus.shard_count', distribute.shard_count::text, true);
+    END IF;
+
+    -- Foreign keys between sessiontag tables are taken off while the tables change kind
+    -- (Citus turns a local table that refers to a reference table into a "Citus local
+    -- table", which cannot then be distributed) and put back as they were afterwards.
+    -- Never CASCADE: nothing else may go with them.
+    FOR fk IN
+        SELECT c.conname, c.conrelid::regclass AS rel, pg_get_constraintdef(c.oid) AS def
+        FROM pg_constraint c
+        WHERE c.contype = 'f' AND c.connamespace = 'sessiontag'::regnamespace
+          AND c.confrelid IN (SELECT r.oid FROM pg_class r WHERE r.relnamespace = 'sessiontag'::regnamespace)
+          AND sessiontag._distribution(c.conrelid) IS NULL
+        ORDER BY c.conrelid, c.conname
+    LOOP
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', fk.rel, fk.conname);
+        fks := fks || format('ALTER TABLE %s ADD CONSTRAINT %I %s', fk.rel, fk.conname, fk.def);
+    END LOOP;
+
+    -- Reference tables first (the distributed ones refer to them), then the per-user
+    -- tables, colocated with the first of them (conversations).
+    FOR t IN
+        SELECT r.oid::regclass AS rel, r.relname::text AS name,
+               EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = r.oid AND a.attname = 'user_id'
+                       AND NOT a.attisdropped) AS per_user
+        FROM pg_class r
+        WHERE r.relnamespace = 'sessiontag'::regnamespace AND r.relkind IN ('r', 'p')
+        ORDER BY 3, r.relname <> 'conversations', r.relname
+    LOOP
+        kind := sessiontag._distribution(t.rel);
+        done := kind IS NULL;
+        IF done THEN
+            -- The rows already there are copied to the shards as they are: the triggers,
+            -- which refuse to be given what sessiontag assigns, must not see that copy.
+            -- The table's lock, taken here, keeps every other writer out until commit.
+            FOR trig IN
+                SELECT g.tgname FROM pg_trigger g WHERE g.tgrelid = t.rel AND NOT g.tgisinternal AND g.tgenabled <> 'D'
+            LOOP
+                EXECUTE format('ALTER TABLE %s DISABLE TRIGGER %I', t.rel, trig.tgname);
+            END LOOP;
+            IF t.per_user THEN
+                citus_call := 'SELECT create_distributed_table($1, ''user_id'', colocate_with => $2)';
+                EXECUTE citus_call USING t.rel, coalesce(first_distributed::text, 'none');
+            ELSE
+                citus_call := 'SELECT create_reference_table($1)';
+                EXECUTE citus_call USING t.rel;
+            END IF;
+            -- The coordinator's own copy of the rows is no longer read: free it.
+            citus_call := 'SELECT truncate_local_data_after_distributing_table($1)';
+            EXECUTE citus_call USING t.rel;
+            FOR trig IN
+                SELECT g.tgname FROM pg_trigger g WHERE g.tgrelid = t.rel AND NOT g.tgisinternal AND g.tgenabled = 'D'
+            LOOP
+                EXECUTE format('ALTER TABLE %s ENABLE TRIGGER %I', t.rel, trig.tgname);
+            END LOOP;
+            kind := sessiontag._distribution(t.rel);
+        END IF;
+        IF t.per_user AND first_distributed IS NULL THEN
+            first_distributed := t.rel;
+        END IF;
+        table_name := t.name;
+        distribution := kind;
+        changed := done;
+        RETURN NEXT;
+    END LOOP;
+
+    FOREACH citus_call IN ARRAY fks LOOP
+        EXECUTE citus_call;
+    END LOOP;
+
+    -- Every function exists on every node: the triggers run there, and so do the
+    -- functions they call. Later CREATE OR REPLACE FUNCTION statements propagate by
+    -- themselves once a function is distributed.
+    FOR t IN
+        SELECT p.oid::regprocedure::text AS signature FROM pg_proc p
+        WHERE p.pronamespace = 'sessiontag'::regnamespace
+        ORDER BY p.oid
+    LOOP
+        citus_call := 'SELECT create_distributed_function($1::regprocedure)';
+        EXECUTE citus_call USING t.signature;
+    END LOOP;
+END
+$$;
+
+-- How Citus holds a table: 'reference', 'distributed by <column>', 'citus local', or NULL
+-- for a plain table (and wherever Citus is absent).
+CREATE FUNCTION sessiontag._distribution(rel regclass)
+RETURNS text
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    method "char";
+    model "char";
+    column_name text;
+    -- In a variable: the catalog exists only with Citus (and static checkers look at
+    -- constant EXECUTE strings).
+    query text := 'SELECT partmethod, repmodel, column_to_column_name(logicalrelid, partkey)'
+                  ' FROM pg_catalog.pg_dist_partition WHERE logicalrelid = $1';
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE query INTO method, model, column_name USING _distribution.rel;
+    RETURN CASE WHEN method IS NULL THEN NULL
+                WHEN method = 'h' THEN 'distributed by ' || column_name
+                WHEN model = 't' THEN 'reference'
+                ELSE 'citus local' END;
+END
+$$;
+
+-- Distributing is the owner's (or a superuser's) alone.
+REVOKE ALL ON FUNCTION sessiontag.distribute(integer), sessiontag._distribution(regclass) FROM PUBLIC;
