@@ -115,7 +115,7 @@ def test_ctrl_c_during_ingest_is_one_line_and_stores_nothing(dsn, tmp_path):
         with psycopg.connect(dsn, autocommit=True) as conn:  # wait until it is storing batches
             deadline = time.monotonic() + 60
             while not conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                   " AND query LIKE '%ingest_traces%' AND pid <> pg_backend_pid()").fetchone()[0]:
+                                   " AND query LIKE '%sessiontag%spans%' AND pid <> pg_backend_pid()").fetchone()[0]:
                 assert time.monotonic() < deadline and process.poll() is None, "ingest never started storing"
                 time.sleep(0.02)
         time.sleep(0.3)

@@ -530,9 +530,8 @@ BAD_ELEMENTS = [
 ]
 
 
-@pytest.mark.parametrize("index, change, sqlstate, message", BAD_ELEMENTS,
-                         ids=[m.split(":")[0] + "-" + m.split(":")[1][:30].strip() for _, _, _, m in BAD_ELEMENTS])
-def test_ingest_is_all_or_nothing_and_names_the_index_and_field(shared, index, change, sqlstate, message):
+def bad_batch(shared, index: int, change) -> list:
+    """20 good spans, but for CHANGE at INDEX and a later bad one (the first is named)."""
     user = shared["user"]
     spans = [span(user, "batch", f"s{i}", conversation_id=str(shared["untagged"] if i % 2 else shared["tagged"]),
                   model_id=str(shared["model"]), start_time=T0.isoformat(),
@@ -545,7 +544,14 @@ def test_ingest_is_all_or_nothing_and_names_the_index_and_field(shared, index, c
         spans[index] = {k: v for k, v in {**spans[index], **change}.items()}
     else:
         spans[index] = change
-    spans[15]["status"] = "bogus"  # a later bad element: the first one is named
+    spans[15]["status"] = "bogus"
+    return spans
+
+
+@pytest.mark.parametrize("index, change, sqlstate, message", BAD_ELEMENTS,
+                         ids=[m.split(":")[0] + "-" + m.split(":")[1][:30].strip() for _, _, _, m in BAD_ELEMENTS])
+def test_ingest_is_all_or_nothing_and_names_the_index_and_field(shared, index, change, sqlstate, message):
+    spans = bad_batch(shared, index, change)
     with psycopg.connect(shared["dsn"], autocommit=True) as c:
         c.execute("SET TimeZone = 'UTC'")
         before = _state(c)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import uuid
 from contextlib import contextmanager
@@ -64,6 +65,57 @@ def _numeric(value: Decimal | float | int | None) -> Decimal | None:
     """A cost as numeric: a float would be sent as double precision, which no numeric
     parameter takes implicitly."""
     return None if value is None else value if isinstance(value, Decimal) else Decimal(str(value))
+
+
+# How a span time given as text must begin (ingest_traces' rule, _iso_time_pattern() in
+# sql/40_traces.sql): an ISO 8601 date, so no PostgreSQL word ('now', 'epoch', ...) and no
+# form whose meaning depends on DateStyle.
+_ISO_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+# PostgreSQL's context of an error in COPY data: "COPY sessiontag_spans, line 3, column x: ..."
+_COPY_CONTEXT = re.compile(r"COPY sessiontag_spans, line (\d+)(?:, column (\w+))?")
+
+
+def _staging_row(row: int, span: Mapping[str, Any], columns: dict[str, str]) -> list:
+    """A span as a staging row. What COPY would silently change is refused here, as
+    ingest_traces refuses it: a key that is no column, text given as another type, a time
+    not in ISO 8601. The rest is judged by the database."""
+    def problem(field: str, what: str) -> DatabaseError:
+        return DatabaseError(f"row {row}: {field + ': ' if field else ''}{what} (SQLSTATE 22023)", "22023")
+
+    if not isinstance(span, Mapping):
+        raise problem("", f"must be a mapping, got {type(span).__name__}")
+    unknown = sorted(k for k in span if k not in columns)
+    if unknown:
+        raise problem(unknown[0], "is derived from start_time and end_time and cannot be given"
+                      if unknown[0] == "duration_ms" else "is not a span field (the fields are record_trace's parameters)")
+    values = []
+    for name, kind in columns.items():
+        value = span.get(name)
+        if value is None:
+            pass
+        elif kind == "text" and not isinstance(value, str):
+            raise problem(name, f"must be a string, got {type(value).__name__} {value!r}")
+        elif kind == "jsonb" and not isinstance(value, Jsonb):
+            try:
+                value = Jsonb(dumps(value), dumps=str)
+            except (TypeError, ValueError) as exc:
+                raise problem(name, f"cannot be stored as JSON: {exc}") from None
+        elif kind.startswith("timestamp") and isinstance(value, str) and not _ISO_TIME.match(value):
+            raise DatabaseError(f'row {row}: {name}: must be an ISO 8601 time, got "{value}" (SQLSTATE 22007)', "22007")
+        elif kind == "numeric" and isinstance(value, float):
+            value = _numeric(value)
+        values.append(value)
+    return values
+
+
+def _copy_error(exc: psycopg.Error) -> DatabaseError:
+    """A COPY path error; bad COPY data is named like the staged rows are ('row 3: x: ...')."""
+    error = DatabaseError.from_psycopg(exc)
+    context = _COPY_CONTEXT.search(getattr(exc.diag, "context", None) or "")
+    if context and not str(error).startswith("row "):
+        where = f"row {context.group(1)}: " + (f"{context.group(2)}: " if context.group(2) else "")
+        error = DatabaseError(where + str(error), error.sqlstate)
+    return error
 
 
 def outcome(span: Span, exc: BaseException | None) -> tuple[str, str | None]:
@@ -232,7 +284,37 @@ class Client:
         payload = Jsonb(spans, dumps=lambda text: text) if isinstance(spans, str) else Jsonb(list(spans), dumps=dumps)
         return self._scalar("ingest_traces", dict(spans=payload), required=("spans",))
 
-    ingest = ingest_traces  # the short name used by the CLI and the Recorder
+    def ingest(self, spans: Iterable[Mapping[str, Any]]) -> int:
+        """Stores spans through the COPY path (all or nothing) and returns how many took
+        effect: the spans are streamed with COPY into this session's staging table
+        (create_span_staging) and moved by ingest_staged_spans, with every rule of
+        ingest_traces. spans: mappings keyed by record_trace's parameter names. A bad span
+        is named by its row, counted from 1 in the order given ('row 3: status: ...').
+        In autocommit it commits the batch; inside the caller's transaction (the connection
+        is not in autocommit) it is a savepoint of it, undone whole on an error."""
+        try:
+            with self.conn.cursor() as cur:
+                # (Outside autocommit this opens the caller's transaction, so the block below
+                # is a savepoint in it, not a transaction committing on its own.)
+                staging = cur.execute("SELECT sessiontag.create_span_staging()::oid").fetchone()[0]
+                columns = self._staging_columns(cur, staging)
+                names = sql.SQL(", ").join(sql.Identifier(name) for name in columns)
+                with self.conn.transaction():
+                    with cur.copy(sql.SQL("COPY pg_temp.sessiontag_spans ({}) FROM STDIN").format(names)) as copy:
+                        for row, span in enumerate(spans, 1):
+                            copy.write_row(_staging_row(row, span, columns))
+                    return cur.execute("SELECT sessiontag.ingest_staged_spans()").fetchone()[0]
+        except psycopg.Error as exc:
+            raise _copy_error(exc) from None
+
+    def _staging_columns(self, cur: psycopg.Cursor, staging: int) -> dict[str, str]:
+        """The staging table's columns (record_trace's parameters) and their types, read
+        off the table itself once per connection."""
+        if getattr(self, "_columns", None) is None:
+            self._columns = dict(cur.execute(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+                " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum", [staging]).fetchall())
+        return self._columns
 
     def ingest_otlp(self, payload: Mapping[str, Any] | str, default_user_id: UUID | str | None = None) -> int:
         """Stores an OTLP/JSON ExportTraceServiceRequest (all or nothing); returns how many

@@ -1,12 +1,12 @@
 """A non-blocking trace recorder for chat servers.
 
 ``Recorder.record(...)`` and ``Recorder.span(...)`` only put a finished span in a bounded
-in-memory queue and return at once; a background thread sends the queue in batches to
-``sessiontag.ingest_traces``. A tracing failure never reaches the caller: it is logged
+in-memory queue and return at once; a background thread sends the queue in batches through
+the COPY path (``Client.ingest``: COPY into the span staging, ``ingest_staged_spans``). A tracing failure never reaches the caller: it is logged
 (logger ``sessiontag.recorder``) and the chat goes on.
 
 - Database down or unreachable: the batch is kept and sent again with exponential
-  backoff (``ingest_traces`` is idempotent, so a batch that was stored just before the
+  backoff (the COPY path is idempotent, so a batch that was stored just before the
   connection broke is not stored twice). Meanwhile new spans wait in the queue.
 - Queue full (``max_queue`` spans waiting, e.g. during a long outage): the new span is
   dropped, counted in ``stats["dropped"]`` and logged; ``record`` returns False. The
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import json
 import logging
 import re
 import threading
@@ -32,15 +31,15 @@ from uuid import UUID
 
 import psycopg
 
-from .client import Client, dumps, new_span_id, new_trace_id, outcome, utcnow
+from .client import Client, new_span_id, new_trace_id, outcome, utcnow
 from .connection import connect, resolve_dsn
 from .errors import DatabaseError, SessiontagError
 from .types import Span
 
 log = logging.getLogger("sessiontag.recorder")
 
-# "spans[3].status: ..." -> 3: the element ingest_traces refused.
-_BAD_ELEMENT = re.compile(r"^spans\[(\d+)\]")
+# "row 3: status: ..." -> 3: the span (counted from 1) the COPY path refused.
+_BAD_ROW = re.compile(r"^row (\d+): ")
 
 
 def _bad_data(sqlstate: str | None) -> bool:
@@ -52,7 +51,7 @@ class Recorder:
     """Records spans in the background; never raises and never blocks the caller.
 
     dsn: as for the CLI (default: $DATABASE_URL, else the local server), resolved in the
-    background thread. batch_size: spans per ingest_traces call. flush_interval: the
+    background thread. batch_size: spans per batch. flush_interval: the
     longest a span waits before its batch is sent (seconds). max_queue: spans held at
     most; beyond it new spans are dropped. retry_delay / max_retry_delay: backoff while
     the database is unavailable. close_timeout: how long close() at exit may take.
@@ -161,7 +160,7 @@ class Recorder:
 
     @property
     def stats(self) -> dict[str, int]:
-        """recorded (queued), sent (stored by ingest_traces), dropped (queue full or
+        """recorded (queued), sent (stored), dropped (queue full or
         closed), lost (refused as bad data, or unsendable until close gave up)."""
         with self._cond:
             return dict(self._stats, waiting=len(self._queue))
@@ -224,7 +223,7 @@ class Recorder:
     def _deliver(self, batch: list[dict]) -> None:
         """Sends one batch; retries while the database is unavailable, drops refused spans."""
         delay = self.retry_delay
-        payload = self._encode(batch)
+        payload = list(batch)
         reason = "not sent before the close timeout"
         while payload:
             if self._past_deadline():
@@ -232,18 +231,18 @@ class Recorder:
                 self._count("lost", len(payload))
                 return
             try:
-                Client(self._connection()).ingest("[" + ",".join(payload) + "]")
+                Client(self._connection()).ingest(payload)
                 self._count("sent", len(payload))
                 return
             except DatabaseError as exc:
                 if _bad_data(exc.sqlstate):
-                    match = _BAD_ELEMENT.match(str(exc))
-                    if match is None or int(match.group(1)) >= len(payload):
+                    match = _BAD_ROW.match(str(exc))
+                    if match is None or not 1 <= int(match.group(1)) <= len(payload):
                         log.error("sessiontag recorder: lost %d spans refused by the database: %s", len(payload), exc)
                         self._count("lost", len(payload))
                         return
-                    index = int(match.group(1))
-                    log.error("sessiontag recorder: dropped span %s: %s", _describe_json(payload[index]), exc)
+                    index = int(match.group(1)) - 1
+                    log.error("sessiontag recorder: dropped span %s: %s", _describe(payload[index]), exc)
                     self._count("lost", 1)
                     del payload[index]
                     continue
@@ -257,17 +256,6 @@ class Recorder:
                             len(payload), delay, reason)
                 self._wait(delay)
                 delay = min(delay * 2, self.max_retry_delay)
-
-    def _encode(self, batch: list[dict]) -> list[str]:
-        """Each span as JSON text; a span that cannot be encoded is dropped and logged."""
-        payload = []
-        for span in batch:
-            try:
-                payload.append(dumps(span))
-            except (TypeError, ValueError) as exc:
-                log.error("sessiontag recorder: dropped span %s: %s", _describe(span), exc)
-                self._count("lost", 1)
-        return payload
 
     def _past_deadline(self) -> bool:
         with self._cond:
@@ -301,10 +289,3 @@ class Recorder:
 
 def _describe(span: Mapping[str, Any]) -> str:
     return f"(trace_id {span.get('trace_id')!r}, span_id {span.get('span_id')!r})"
-
-
-def _describe_json(text: str) -> str:
-    try:
-        return _describe(json.loads(text))
-    except ValueError:
-        return text[:80]

@@ -8,6 +8,7 @@ import re
 from decimal import Decimal
 
 import click
+from psycopg.types.json import Jsonb
 
 from ..client import Client
 from ..errors import DatabaseError, SessiontagError
@@ -24,7 +25,9 @@ _DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=NotANumber)
 _SPACE = re.compile(r"[ \t\n\r]*")
 _MAYBE_UNSTORABLE = re.compile(r"NaN|Infinity|\\u(0000|[dD][89a-fA-F])")  # cheap test before the walk
 _UNSTORABLE_CHAR = re.compile("[\x00\ud800-\udfff]")  # PostgreSQL text holds neither NUL nor lone surrogates
-_BAD_ELEMENT = re.compile(r"^spans\[(\d+)\](\.|: )(.*)$", re.DOTALL)
+_BAD_ROW = re.compile(r"^row (\d+): (?:(\w+): )?(.*)$", re.DOTALL)  # the COPY path's "row 3: status: ..."
+_JSON_FIELDS = ("input_data", "output_data", "metadata")
+_NUMBER_MARK = re.compile(r'"\\u0000(\d+)\\u0000"')
 
 
 def _at(location: str, rest: str, field: bool) -> str:
@@ -184,19 +187,41 @@ def _ingest(state: State, source, batch_size: int, show_progress: bool | None, d
     return summary
 
 
+def _exact_json(value) -> Jsonb:
+    """VALUE as JSON with every number as it was written (they were read as Decimal)."""
+    numbers: list[str] = []
+
+    def mark(number):
+        if not isinstance(number, Decimal):
+            raise TypeError(f"{type(number).__name__} is not JSON")
+        numbers.append(str(number))
+        return f"\0{len(numbers) - 1}\0"  # a string no JSON text holds: PostgreSQL text has no NUL
+
+    text = json.dumps(value, default=mark, ensure_ascii=False)
+    return Jsonb(_NUMBER_MARK.sub(lambda m: numbers[int(m.group(1))], text) if numbers else text, dumps=str)
+
+
+def _span(value):
+    """A span read from the file, for Client.ingest: its JSON values kept exactly."""
+    if not isinstance(value, dict):
+        return value  # Client.ingest names it
+    return {k: _exact_json(v) if k in _JSON_FIELDS and v is not None else v for k, v in value.items()}
+
+
 def _ingest_spans(client: Client, documents: list[tuple], batch_size: int, show: bool | None) -> str:
     stored, total = 0, len(documents)
     with progress(total, "ingesting", "spans sent", show) as advance:
         for start in range(0, total, batch_size):
             batch = documents[start:start + batch_size]
             try:
-                stored += client.ingest("[" + ",".join(span_text for _, span_text, _ in batch) + "]")
+                stored += client.ingest(_span(value) for value, _, _ in batch)
             except DatabaseError as exc:
-                match = _BAD_ELEMENT.match(str(exc))
+                match = _BAD_ROW.match(str(exc))
                 if match is None:
                     raise SessiontagError(f"{exc}; nothing was stored") from None
-                location = batch[int(match.group(1))][2]
-                raise SessiontagError(f"{_at(location, match.group(3), match.group(2) == '.')}; nothing was stored") \
-                    from None
+                location = batch[int(match.group(1)) - 1][2]
+                field, rest = match.group(2), match.group(3)
+                raise SessiontagError(f"{_at(location, f'{field}: {rest}' if field else rest, bool(field))}; "
+                                      "nothing was stored") from None
             advance(len(batch))
     return _stored_line(stored, total)
