@@ -168,3 +168,19 @@ def test_retried_ingests_store_each_span_once(distributed, model):
                 assert one(conn, "SELECT sessiontag.ingest_staged_spans()")[0] == expected
         assert one(conn, "SELECT count(*) FROM sessiontag.llm_traces WHERE user_id = %s AND trace_id = 'cp'",
                    user)[0] == 50
+
+
+def test_client_ingest_through_copy_and_a_bad_row_named(distributed):
+    from sessiontag import Client
+
+    user = uuid.uuid4()
+    spans = [dict(user_id=user, trace_id="cl", span_id=f"s{i}", span_name="chat", start_time=T0,
+                  end_time=T0 + timedelta(seconds=1)) for i in range(200)]
+    with Client.connect(distributed) as client:
+        assert client.ingest(spans) == 200
+        assert client.ingest(spans) == 0
+        bad = [dict(spans[0], span_id="x1"), dict(spans[0], span_id="x2", status="odd")]
+        with pytest.raises(Exception, match=r"row 2: status"):
+            client.ingest(bad)
+    with psycopg.connect(distributed, autocommit=True) as conn:
+        assert one(conn, "SELECT count(*) FROM sessiontag.llm_traces WHERE user_id = %s", user)[0] == 200
