@@ -55,6 +55,8 @@ def test_distribute_a_fresh_database_then_again(fresh):
     again = cli(fresh, "distribute", "--format", "csv")
     assert again.returncode == 0, again.stderr
     assert all(line.endswith(",no") for line in again.stdout.splitlines()[1:])
+    verified = cli(fresh, "verify")  # the distributed schema is still the expected one
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_distribute_a_database_holding_data_keeps_every_row_and_number(fresh):
