@@ -166,9 +166,14 @@ $$;
 -- The work of ingest_otlp (partial false: all or nothing, raising on the first bad span)
 -- and of ingest_otlp_partial (partial true: the bad spans are refused, the others stored).
 -- rejected: [{path, trace_id, span_id, field, problem, sqlstate}], in request order.
+-- SECURITY DEFINER, like the functions it calls, so that all of one request reads and
+-- writes as one role (on Citus a transaction may not reach a shard as the owner after
+-- writing it as the caller, nor the reverse). A user-scoped caller stays confined: the
+-- conversation trigger and ingest_traces check every user against its setting.
 CREATE FUNCTION sessiontag._otlp_ingest(payload jsonb, default_user_id uuid, partial boolean,
                                         OUT stored integer, OUT rejected jsonb)
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET jit = off
 AS $$
@@ -181,6 +186,7 @@ DECLARE
     problems jsonb;
     failed boolean;
     fresh_conversation record;
+    known_conversations jsonb;
     err_state text;
     err_message text;
     idx integer;
@@ -336,26 +342,34 @@ BEGIN
                     FROM jsonb_array_elements(spans) AS e(f)
                     WHERE e.f ->> 'external_id' IS NOT NULL
                     ORDER BY 1, 2, e.f ->> 'model_id' IS NULL, sessiontag._otlp_time(e.f -> 'span' -> 'startTimeUnixNano')
-                ), fresh AS (
-                    SELECT n.* FROM named n
-                    LEFT JOIN sessiontag.conversations v ON v.user_id = n.user_id AND v.external_id = n.external_id
-                    WHERE v.id IS NULL
                 ), created AS (
+                    -- The conversations already stored are skipped by ON CONFLICT alone (no
+                    -- outer join of these rows to the table first: under row-level security
+                    -- Citus 13 cannot plan one).
                     INSERT INTO sessiontag.conversations AS c (user_id, external_id, llm_model_id)
                     SELECT f.user_id, f.external_id, CASE WHEN m.tracked THEN NULL ELSE f.model_id END
-                    FROM fresh f LEFT JOIN sessiontag.llm_models m ON m.id = f.model_id
+                    FROM named f LEFT JOIN sessiontag.llm_models m ON m.id = f.model_id
                     ORDER BY f.user_id, f.external_id
                     ON CONFLICT ON CONSTRAINT conversations_user_id_external_id_key DO NOTHING
                     RETURNING c.user_id, c.id, c.external_id
                 )
                 SELECT x.user_id, x.id, f.model_id
-                FROM created x JOIN fresh f ON f.user_id = x.user_id AND f.external_id = x.external_id
+                FROM created x JOIN named f ON f.user_id = x.user_id AND f.external_id = x.external_id
                 JOIN sessiontag.llm_models m ON m.id = f.model_id AND m.tracked
                 ORDER BY x.user_id, f.model_id, x.id
             LOOP
                 PERFORM sessiontag.ensure_session_tag(fresh_conversation.id, fresh_conversation.model_id,
                                                       fresh_conversation.user_id);
             END LOOP;
+
+            -- The stored conversations the spans name, by "user_id external_id": an inner
+            -- join of their own (Citus 13 cannot plan an outer join of these rows to the
+            -- table under row-level security).
+            SELECT coalesce(jsonb_object_agg(concat(v.user_id, ' ', v.external_id), v.id), '{}') INTO known_conversations
+            FROM sessiontag.conversations v
+            JOIN (SELECT DISTINCT (e.f ->> 'user_id')::uuid AS user_id, e.f ->> 'external_id' AS external_id
+                  FROM jsonb_array_elements(spans) AS e(f)
+                  WHERE e.f ->> 'external_id' IS NOT NULL) k ON v.user_id = k.user_id AND v.external_id = k.external_id;
 
             SELECT jsonb_agg(jsonb_build_object(
                        'user_id', o.f -> 'user_id',
@@ -373,7 +387,8 @@ BEGIN
                            WHEN o.f -> 'attrs' ? 'gen_ai.request.model' OR o.f -> 'attrs' ? 'gen_ai.response.model'
                                THEN 'llm_call'
                            ELSE 'internal' END,
-                       'conversation_id', coalesce(v.id::text, o.f ->> 'known_conversation_id'),
+                       'conversation_id', coalesce(known_conversations ->> concat((o.f ->> 'user_id')::uuid, ' ', o.f ->> 'external_id'),
+                                                   o.f ->> 'known_conversation_id'),
                        'model_id', o.f -> 'model_id',
                        'model_name', CASE WHEN o.f ->> 'model_id' IS NULL
                                           THEN coalesce(o.f -> 'attrs' ->> 'gen_ai.response.model',
@@ -414,9 +429,7 @@ BEGIN
                                         o.f -> 'attrs' -> 'gen_ai.usage.reasoning_tokens'))), '{}')))
                    ) ORDER BY o.n)
             INTO spans
-            FROM jsonb_array_elements(spans) WITH ORDINALITY AS o(f, n)
-            LEFT JOIN sessiontag.conversations v ON v.user_id = (o.f ->> 'user_id')::uuid
-                                                AND v.external_id = o.f ->> 'external_id';
+            FROM jsonb_array_elements(spans) WITH ORDINALITY AS o(f, n);
 
             BEGIN
                 stored := sessiontag.ingest_traces(spans);

@@ -156,9 +156,10 @@ GRANT EXECUTE ON FUNCTION
     TO sessiontag_app;
 
 -- The OTLP receiver's span-by-span ingestion and its helpers. ingest_otlp_partial runs as
--- its caller, like ingest_otlp; the two helpers that read or write stored spans run as
--- the owner and keep a user-scoped caller to its own user. Each asks _check_user
--- which user its caller is confined to.
+-- its caller, like ingest_otlp; the helpers that read or write stored spans
+-- (_otlp_ingest, _otlp_problems, _otlp_link_traces) run as the owner and keep a
+-- user-scoped caller to its own user. Each asks _check_user which user its caller is
+-- confined to.
 GRANT EXECUTE ON FUNCTION
     sessiontag.ingest_otlp_partial(jsonb, uuid),
     sessiontag._otlp_ingest(jsonb, uuid, boolean),

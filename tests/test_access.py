@@ -170,7 +170,7 @@ def test_no_function_or_table_is_granted_to_public_and_only_definers_are_the_wri
         WHERE pronamespace = 'sessiontag'::regnamespace AND prosecdef""")}
     assert definers == {"generate_session_tag", "generate_session_tags", "ensure_session_tag", "start_trace",
                         "end_trace", "record_trace", "ingest_traces", "create_span_staging", "ingest_staged_spans",
-                        "_conversations_tag", "_conversations_keep_traces",
+                        "_conversations_tag", "_conversations_keep_traces", "_otlp_ingest",
                         "_conversations_trace_tags", "_llm_models_short_id", "_conversations_keep_numbers",
                         "_handed_out", "tag_untagged_conversations", "record_feedback", "delete_feedback",
                         "_otlp_problems", "_otlp_link_traces"}

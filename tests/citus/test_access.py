@@ -106,3 +106,30 @@ def test_app_and_reader_see_every_user(distributed, tenants):
     with login(distributed, tenants["roles"]["reader"]) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("INSERT INTO sessiontag.conversations (user_id) VALUES (%s)", [uuid.uuid4()])
+
+
+def test_a_confined_login_ingests_otlp_for_its_user_only(distributed, tenants):
+    """What `sessiontag serve` does for a token bound to a user, with a login that is a
+    member of sessiontag_user (on Citus a SET ROLE to the NOLOGIN role cannot reach the
+    workers: Citus connects to them as the current role)."""
+    alice, bob = tenants["users"][0], tenants["users"][1]
+
+    def span(user, span_id):
+        return {"traceId": "5b8efff798038103d269b633813fc60c", "spanId": span_id, "name": "chat",
+                "startTimeUnixNano": "1700000000000000000", "endTimeUnixNano": "1700000001000000000",
+                "attributes": [{"key": "user.id", "value": {"stringValue": str(user)}},
+                               {"key": "gen_ai.conversation.id", "value": {"stringValue": "otlp-conv"}},
+                               {"key": "gen_ai.request.model", "value": {"stringValue": "gpt-4o"}}]}
+
+    payload = {"resourceSpans": [{"scopeSpans": [{"spans": [span(alice, "eee19b7ec3c1b174"),
+                                                            span(bob, "eee19b7ec3c1b175")]}]}]}
+    with login(distributed, tenants["roles"]["alice"]) as conn:
+        with conn.transaction():
+            scoped(conn, alice)
+            stored, rejected = conn.execute("SELECT stored, rejected FROM sessiontag.ingest_otlp_partial(%s, %s)",
+                                            [Jsonb(payload), alice]).fetchone()
+        assert stored == 1 and len(rejected) == 1 and "user" in str(rejected)
+    with psycopg.connect(distributed, autocommit=True) as conn:
+        owners = conn.execute("SELECT user_id FROM sessiontag.llm_traces WHERE trace_id ="
+                              " '5b8efff798038103d269b633813fc60c'").fetchall()
+        assert owners == [(alice,)]

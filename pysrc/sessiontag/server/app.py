@@ -194,8 +194,11 @@ class Receiver:
                 if token is not None and token.user_id is not None:
                     # The token's user, through the database: row-level security and the
                     # functions' own checks confine this transaction to it. SET LOCAL (not
-                    # set_config) is the form Citus propagates to the workers.
-                    conn.execute(f"SET LOCAL ROLE sessiontag_user; SET LOCAL sessiontag.user_id = '{token.user_id}'")
+                    # set_config) is the form Citus propagates to the workers. A login that
+                    # is itself confined needs no SET ROLE (which on Citus would open the
+                    # worker connections as the NOLOGIN role, and fail).
+                    role = "" if self._any_user_role(conn) else "SET LOCAL ROLE sessiontag_user; "
+                    conn.execute(f"{role}SET LOCAL sessiontag.user_id = '{token.user_id}'")
                 elif self._any_user_role(conn):
                     conn.execute(f"SET LOCAL ROLE {self._any_user_role(conn)}")
                 stored, rejected = conn.execute(
