@@ -1124,7 +1124,11 @@ BEGIN
             USING ERRCODE = 'no_data_found', COLUMN = 'baseline_model_id';
     END IF;
     RETURN QUERY
-    WITH s AS (
+    -- s NOT MATERIALIZED: each use joins the conversations themselves to their spans and
+    -- feedback (on Citus, colocated by user_id: pushed down), not a materialized result
+    -- outer-joined to a distributed table, which Citus 13 plans by rewriting the table,
+    -- and under row-level security crashes doing so.
+    WITH s AS NOT MATERIALIZED (
         SELECT v.user_id, v.id, v.session_id, v.llm_model_id
         FROM sessiontag.conversations v
         WHERE v.session_id IS NOT NULL AND v.llm_model_id IS NOT NULL

@@ -133,3 +133,34 @@ def test_a_confined_login_ingests_otlp_for_its_user_only(distributed, tenants):
         owners = conn.execute("SELECT user_id FROM sessiontag.llm_traces WHERE trace_id ="
                               " '5b8efff798038103d269b633813fc60c'").fetchall()
         assert owners == [(alice,)]
+
+
+READS = [
+    "SELECT count(*) FROM sessiontag.list_traces(page_size => 1000)",
+    "SELECT count(*) FROM sessiontag.get_trace(%(u)s, 't0')",
+    "SELECT count(*) FROM sessiontag.list_sessions(page_size => 1000)",
+    "SELECT count(*) FROM sessiontag.session_summary(%(tag)s)",
+    "SELECT count(*) FROM sessiontag.compare_models()",
+    "SELECT count(*) FROM sessiontag.compare_metrics(baseline_model_id => %(m)s, feedback_name => 'thumbs')",
+    "SELECT count(*) FROM sessiontag.list_feedback()",
+    "SELECT sessiontag.session_badge(%(tag)s)",
+    "SELECT sessiontag.model_id('gpt-4o')",
+    "SELECT count(*) FROM sessiontag.list_models()",
+    "SELECT sessiontag.count_untagged_conversations()",
+]
+
+
+@pytest.mark.parametrize("kind", ["alice", "app", "reader"])
+def test_every_read_runs_under_row_level_security(distributed, tenants, kind):
+    alice = tenants["users"][0]
+    with psycopg.connect(distributed, autocommit=True) as conn:
+        tag = conn.execute("SELECT session_id FROM sessiontag.conversations WHERE user_id = %s"
+                           " AND session_id IS NOT NULL LIMIT 1", [alice]).fetchone()[0]
+    args = dict(u=alice, tag=tag, m=tenants["model"])
+    with login(distributed, tenants["roles"][kind]) as conn:
+        for query in READS:
+            if kind == "alice" and "count_untagged" in query:
+                continue  # not granted to sessiontag_user
+            with conn.transaction():
+                scoped(conn, alice)
+                conn.execute(query, args).fetchall()
