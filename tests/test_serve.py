@@ -198,6 +198,58 @@ def test_one_bad_span_is_refused_by_partial_success_and_the_others_stored(dsn):
     assert "refused 1 spans: span b000000000000002" in r.log
 
 
+def test_an_empty_request_is_200_and_spans_with_bad_ids_are_refused_by_name(dsn):
+    user = str(uuid.uuid4())
+    with receiver(dsn) as r:
+        for empty in (b"{}", b'{"resourceSpans": []}', b'{"resourceSpans": [{"scopeSpans": [{}]}]}'):
+            assert post(r.url, empty)[:3:2] == (200, b"{}"), empty
+        assert post(r.url, ExportTraceServiceRequest().SerializeToString(), "application/x-protobuf")[0] == 200
+        spans = [span("a100000000000001", "good", {}), span("a100000000000002", "short trace", {}),
+                 span("a100000000000003", "zero span", {}), span("a100000000000004", "bad parent", {}, parent="xyz")]
+        spans[1]["traceId"] = "4bf92f35"
+        spans[2]["spanId"] = "0" * 16
+        status, _, body = post(r.url, json.dumps(request(*spans, resource={"user.id": user})).encode())
+        answer = json.loads(body)["partialSuccess"]
+        where = "payload.resourceSpans[0].scopeSpans[0].spans"
+        assert status == 200 and answer["rejectedSpans"] == "3"
+        assert answer["errorMessage"] == (
+            f'{where}[1]: traceId: must be 32 hex digits, not all zero, got "4bf92f35"; '
+            f'{where}[2]: spanId: must be 16 hex digits, not all zero, got "0000000000000000"; '
+            'span a100000000000004 of trace 4bf92f3577b34da6a3ce929d0e0e4736: parentSpanId: must be 16 hex digits,'
+            ' not all zero, or empty for a root span, got "xyz"')
+        # protobuf: ids of the wrong length, an all-zero trace id
+        proto = ExportTraceServiceRequest()
+        rs = proto.resource_spans.add()
+        kv = rs.resource.attributes.add()
+        kv.key, kv.value.string_value = "user.id", user
+        ss = rs.scope_spans.add()
+        for trace_id, span_id in ((b"\x01" * 16, b"\x02" * 8), (b"\x00" * 16, b"\x03" * 8), (b"\x01" * 16, b"\x04" * 4)):
+            s = ss.spans.add()
+            s.trace_id, s.span_id, s.name, s.start_time_unix_nano = trace_id, span_id, "p", 1
+        status, _, body = post(r.url, proto.SerializeToString(), "application/x-protobuf")
+        partial = ExportTraceServiceResponse.FromString(body).partial_success
+        assert status == 200 and partial.rejected_spans == 2
+        assert partial.error_message == (
+            f'{where}[1]: traceId: must be 32 hex digits, not all zero, got "{"0" * 32}"; '
+            f'{where}[2]: spanId: must be 16 hex digits, not all zero, got "04040404"')
+        # the user is missing: the message names serve's option, not the SQL parameter
+        status, _, body = post(r.url, json.dumps(request(span("a100000000000005", "x", {}))).encode())
+        answer = json.loads(body)["partialSuccess"]
+        assert status == 200 and answer["errorMessage"].endswith("or --default-user"), answer
+    assert stored(dsn) == [("0202020202020202",), ("a100000000000001",)]
+    assert "default_user_id" not in r.log and "refused 1 spans: span a100000000000005" in r.log
+
+
+def test_an_unreachable_database_is_logged_one_line_at_a_time():
+    with receiver("host=127.0.0.1 port=1 dbname=x connect_timeout=2") as r:
+        time.sleep(4.5)  # the pool retries after ~1, 2 and 4 s
+        assert get(r.url) == (503, {"status": "unavailable", "reason": "the database is unreachable"})
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ sessiontag serve: ", line) for line in r.lines[1:]), r.log
+    failures = [line for line in r.lines if "cannot connect to the database: " in line]
+    assert len(failures) == 1 and "Connection refused; Is the server running" in failures[0], r.log
+    assert r.log.count("GET /healthz: 503: the database is unreachable") == 1
+
+
 def test_undecodable_bodies_are_400_and_oversize_413(dsn):
     with receiver(dsn, "--max-body", "1") as r:
         status, _, body = post(r.url, b"\xff\x00garbage", "application/x-protobuf")
