@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -370,3 +371,50 @@ def test_database_down_mid_stream_503_then_every_span_once(private_server):
         assert conn.execute("SELECT count(*), count(DISTINCT (trace_id, span_id)), count(DISTINCT session_tag)"
                             " FROM sessiontag.llm_traces").fetchone() == (9, 9, 0)
     assert ": 503: " in r.log
+
+
+# -- make demo's OpenTelemetry step and its example ----------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+VENV = Path(sys.executable).parent.parent
+
+
+def make_demo_otel(dsn: str, port: int) -> subprocess.CompletedProcess:
+    """`make demo-otel` (the last step of `make demo`) against DSN, on PORT, with this venv."""
+    return subprocess.run(["make", "--no-print-directory", "-o", "install", "demo-otel", f"OTLP_PORT={port}",
+                           f"VENV={VENV}"], cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "DATABASE_URL": dsn})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_make_demo_sends_the_example_through_serve(dsn, model):
+    result = make_demo_otel(dsn, free_port())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "$ OTEL_EXPORTER_OTLP_ENDPOINT=" in result.stdout and "(sessiontag serve stopped)" in result.stdout
+    assert len(stored(dsn)) == 6
+
+
+def test_make_demo_fails_with_the_serve_log_when_serve_cannot_start(dsn):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = make_demo_otel(dsn, port)
+    assert result.returncode != 0
+    assert f"sessiontag serve did not start (no answer from /healthz on 127.0.0.1:{port})" in result.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in result.stdout  # the example never ran
+    assert stored(dsn) == []
+
+
+def test_the_example_exits_1_when_its_export_is_refused(dsn):
+    with receiver(dsn, "--token", "secret") as r:  # the example sends no token: 401
+        result = subprocess.run([sys.executable, str(REPO / "examples" / "otel_chat.py")], capture_output=True,
+                                text=True, timeout=120, env={**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": r.url})
+    assert result.returncode == 1 and result.stdout == ""
+    assert "could not export the spans of conversation" in result.stderr and "refused" in result.stderr
+    assert ": 401: " in r.log
