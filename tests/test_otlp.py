@@ -269,7 +269,7 @@ def test_default_user_is_refused_for_plain_span_files(dsn, tmp_path):
     assert "--default-user applies to OTLP exports only" in message
 
 
-# -- the mapping, attribute by attribute (SPEC: the OpenTelemetry front door) -------------
+# -- the mapping, attribute by attribute ---------------------------------------------------
 def _one(conn, columns):
     return conn.execute(f"SELECT {columns} FROM sessiontag.llm_traces").fetchone()
 
