@@ -358,7 +358,7 @@ def test_bad_feedback_gets_a_clear_error_and_stores_nothing(conn, chat, kwargs, 
     assert one(conn, "SELECT count(*) FROM sessiontag.feedback")[0] == 0
 
 
-def test_feedback_values_at_the_ends_of_a_double_keep_every_statistic_working(conn):
+def test_feedback_values_at_the_ends_of_a_double_keep_every_statistic_working(conn, dsn):
     """Values a double holds, however large or small, never make a summary or a comparison
     fail: a mean stays a double, a variance past it gives an infinite interval."""
     base, other = models(conn, "Base", "Other")
@@ -389,6 +389,15 @@ def test_feedback_values_at_the_ends_of_a_double_keep_every_statistic_working(co
     low, high = one(conn, "SELECT * FROM sessiontag._t_interval(1e-300, 5e-324, 10, 0.95)")
     assert low <= 1e-300 <= high
     assert one(conn, "SELECT * FROM sessiontag._welch(0, 1e-320, 10, 0, 1e-320, 12, 0.95)")[0] == 0
+    # The CLI shows such intervals too.
+    table = sessiontag_cli("--dsn", dsn, "compare", "--baseline", "base", "--feedback", "score")
+    assert table.returncode == 0 and "Other" in table.stdout, table.stderr
+    shown = sessiontag_cli("--dsn", dsn, "compare", "--baseline", "base", "--feedback", "score", "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    shown = {(r["model_name"], r["metric"]): r for r in json.loads(shown.stdout)}
+    assert len(shown) == 8 and (shown["Base", "feedback"]["low"], shown["Base", "feedback"]["high"]) == (
+        "-Infinity", "Infinity")
+    assert "[-∞, ∞]" in table.stdout, table.stdout
     # The table refuses what record_feedback refuses, even from its owner.
     with pytest.raises(psycopg.errors.CheckViolation):
         conn.execute("INSERT INTO sessiontag.feedback (user_id, conversation_id, name, value)"
