@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test bench catalog clean
+.PHONY: install demo demo-otel test bench catalog clean
 
 install: $(VENV)/.installed
 
@@ -28,12 +28,28 @@ demo: install
 	@$(BIN)/sessiontag compare
 	@echo; echo '$$ sessiontag compare --baseline gpt-4o --feedback thumbs'
 	@$(BIN)/sessiontag compare --baseline gpt-4o --feedback thumbs
-	@# Spans from an OpenTelemetry SDK: serve in the background, a plain OTel exporter, the session.
-	@echo; echo '$$ sessiontag serve &        # OTLP/HTTP receiver on 127.0.0.1:4318'
-	@$(BIN)/sessiontag serve 2>$(VENV)/serve.log & pid=$$!; trap 'kill -TERM '$$pid' 2>/dev/null' EXIT; \
-	  echo '$$ OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 python examples/otel_chat.py'; \
-	  user=$$(OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 $(BIN)/python examples/otel_chat.py) \
-	    || { cat $(VENV)/serve.log; exit 1; }; \
+	@$(MAKE) --no-print-directory demo-otel
+
+# Spans from an OpenTelemetry SDK: serve in the background (up once /healthz answers; if it
+# does not within 15 s, the step fails with serve's log), a plain OTel exporter, the session.
+OTLP_PORT ?= 4318
+demo-otel: install
+	@echo; echo '$$ sessiontag serve &        # OTLP/HTTP receiver on 127.0.0.1:$(OTLP_PORT)'
+	@$(BIN)/sessiontag serve --port $(OTLP_PORT) 2>$(VENV)/serve.log & pid=$$!; \
+	  trap 'kill -TERM '$$pid' 2>/dev/null' EXIT; \
+	  up=; deadline=$$(($$(date +%s) + 15)); while [ $$(date +%s) -lt $$deadline ]; do \
+	    kill -0 $$pid 2>/dev/null || break; \
+	    $(BIN)/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
+	      http://127.0.0.1:$(OTLP_PORT)/healthz 2>/dev/null && { up=1; break; }; \
+	    sleep 0.2; \
+	  done; \
+	  if [ -z "$$up" ] || ! kill -0 $$pid 2>/dev/null; then \
+	    echo "sessiontag serve did not start (no answer from /healthz on 127.0.0.1:$(OTLP_PORT)); its log:" >&2; \
+	    cat $(VENV)/serve.log >&2; exit 1; \
+	  fi; \
+	  echo '$$ OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$(OTLP_PORT) python examples/otel_chat.py'; \
+	  user=$$(OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$(OTLP_PORT) $(BIN)/python examples/otel_chat.py) \
+	    || { echo 'examples/otel_chat.py could not export its spans; the serve log:' >&2; cat $(VENV)/serve.log >&2; exit 1; }; \
 	  echo "\$$ sessiontag sessions list --user $$user"; \
 	  $(BIN)/sessiontag sessions list --user "$$user" 2>/dev/null; \
 	  kill -TERM $$pid; wait $$pid; trap - EXIT; echo '(sessiontag serve stopped)'

@@ -1,4 +1,4 @@
-"""Search speed on 1M spans (issue: search and analytics).
+"""Search speed on 1M spans: list_traces, page by page and against the query it runs.
 
 1. list_traces of one session: the 40th page against the first. Goal: within 1.5x
    (keyset pagination costs the same at any depth).

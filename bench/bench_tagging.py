@@ -1,4 +1,4 @@
-"""Tag generation speed (issue: tagging engine).
+"""Tag generation speed: create_conversation against a plain counter, history, bulk numbering.
 
 1. Throughput on one hot (user, model) key with 16 pgbench clients: create_conversation
    against the textbook gapless counter (an upsert on a counter row and the conversation

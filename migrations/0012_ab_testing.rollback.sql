@@ -134,4 +134,5 @@ BEGIN
     END IF;
 END
 $$;
+DROP FUNCTION sessiontag._float(numeric);
 DROP TABLE sessiontag.feedback;

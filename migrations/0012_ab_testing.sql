@@ -13,7 +13,9 @@ CREATE TABLE sessiontag.feedback (
     trace_id        text        CHECK (trace_id <> '' AND length(trace_id) <= 128),
     span_id         text        CHECK (span_id <> '' AND length(span_id) <= 128),
     name            text        NOT NULL CHECK (name <> '' AND length(name) <= 200),
-    value           numeric     CHECK (value NOT IN ('NaN', 'Infinity', '-Infinity')),
+    value           numeric     CHECK (value NOT IN ('NaN', 'Infinity', '-Infinity')
+                                       AND (value = 0 OR abs(value) BETWEEN 4.9406564584124654e-324
+                                                                       AND 1.7976931348623157e308)),
     label           text        CHECK (label <> '' AND length(label) <= 200),
     comment         text        CHECK (length(comment) <= 10000),
     source          text        NOT NULL DEFAULT 'user' CHECK (source <> '' AND length(source) <= 100),
@@ -35,6 +37,26 @@ COMMENT ON TABLE sessiontag.feedback IS 'Scores and labels on a session, trace o
 CREATE INDEX idx_feedback_trace ON sessiontag.feedback (user_id, trace_id, span_id) WHERE trace_id IS NOT NULL;
 CREATE INDEX idx_feedback_user_created ON sessiontag.feedback (user_id, created_at, id);
 CREATE INDEX idx_feedback_created ON sessiontag.feedback (created_at, user_id, id);
+
+-- A numeric as a double precision that never fails: past the largest double it is
+-- ±Infinity, below the smallest (in magnitude) 0. Feedback values are doubles (the table's
+-- CHECK), but their means and variances need not be (a variance of values near 1e308 is
+-- near 1e616), so the statistics of list_sessions, session_summary and compare_metrics
+-- convert with it and no stored value can make them fail.
+CREATE FUNCTION sessiontag._float(x numeric)
+RETURNS double precision
+LANGUAGE sql
+IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN _float.x = 'NaN' THEN 'NaN'::double precision
+                WHEN _float.x > 1.7976931348623157e308 THEN 'Infinity'::double precision
+                WHEN _float.x < -1.7976931348623157e308 THEN '-Infinity'::double precision
+                WHEN abs(_float.x) < 4.9406564584124654e-324 THEN 0::double precision
+                ELSE _float.x::double precision END
+$$;
+REVOKE ALL ON FUNCTION sessiontag._float(numeric) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION sessiontag._float(numeric) TO sessiontag_app, sessiontag_user, sessiontag_reader;
 
 -- Records a score and/or label on a session (conversation_id), a trace (trace_id) or a
 -- span (trace_id and span_id) of user_id, and returns the row id. The same (target, name,
@@ -75,6 +97,14 @@ BEGIN
     IF record_feedback.value IN ('NaN', 'Infinity', '-Infinity') THEN
         RAISE EXCEPTION 'value must be a finite number, got %', record_feedback.value
             USING ERRCODE = 'invalid_parameter_value', COLUMN = 'value';
+    END IF;
+    -- Values are doubles: the statistics over them (session_summary, compare_metrics) are.
+    IF record_feedback.value <> 0
+       AND NOT abs(record_feedback.value) BETWEEN 4.9406564584124654e-324 AND 1.7976931348623157e308 THEN
+        RAISE EXCEPTION 'value must fit a double precision (0 or a magnitude from 4.9406564584124654e-324 to 1.7976931348623157e308), got %',
+            CASE WHEN length(record_feedback.value::text) > 30 THEN btrim(to_char(record_feedback.value, '9.999999EEEE'))
+                 ELSE record_feedback.value::text END
+            USING ERRCODE = 'numeric_value_out_of_range', COLUMN = 'value';
     END IF;
     IF record_feedback.value IS NULL AND record_feedback.label IS NULL THEN
         RAISE EXCEPTION 'value or label must be given' USING ERRCODE = 'invalid_parameter_value', COLUMN = 'value';
@@ -295,7 +325,7 @@ BEGIN
     CROSS JOIN LATERAL (
         SELECT coalesce(sum(g.n), 0)::bigint AS feedback_count,
                coalesce(jsonb_object_agg(g.name, jsonb_build_object('count', g.n, 'mean', g.mean)), '{}') AS feedback
-        FROM (SELECT f.name, count(*) AS n, avg(f.value)::double precision AS mean
+        FROM (SELECT f.name, count(*) AS n, sessiontag._float(avg(f.value)) AS mean
               FROM sessiontag.feedback f
               WHERE f.user_id = c.user_id AND f.conversation_id = c.id
               GROUP BY f.name) g
@@ -630,7 +660,9 @@ BEGIN
 END
 $$;
 
--- The t interval of a mean from its sample mean, variance and size (n >= 2).
+-- The t interval of a mean from its sample mean, variance and size (n >= 2). The
+-- arithmetic is numeric, so no input overflows or underflows: a bound past the largest
+-- double is ±Infinity (an infinite variance gives (-Infinity, Infinity)).
 CREATE FUNCTION sessiontag._t_interval(mean double precision, variance double precision, n bigint,
                                        confidence double precision,
                                        OUT low double precision, OUT high double precision)
@@ -639,21 +671,22 @@ IMMUTABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    half double precision;
+    half numeric;
 BEGIN
     IF _t_interval.n < 2 THEN
         RETURN;
     END IF;
     half := CASE WHEN _t_interval.variance = 0 THEN 0
-                 ELSE sessiontag._t_quantile(1 - (1 - _t_interval.confidence) / 2, _t_interval.n - 1)
-                      * sqrt(_t_interval.variance / _t_interval.n) END;
-    low := _t_interval.mean - half;
-    high := _t_interval.mean + half;
+                 ELSE sessiontag._t_quantile(1 - (1 - _t_interval.confidence) / 2, _t_interval.n - 1)::numeric
+                      * sqrt(_t_interval.variance::numeric / _t_interval.n) END;
+    low := sessiontag._float(_t_interval.mean::numeric - half);
+    high := sessiontag._float(_t_interval.mean::numeric + half);
 END
 $$;
 
 -- Welch's interval for mean1 - mean2 (unequal variances, Welch–Satterthwaite degrees of
--- freedom); both sizes >= 2.
+-- freedom); both sizes >= 2. Numeric arithmetic, as in _t_interval: a bound or a
+-- difference past the largest double is ±Infinity, nothing overflows or underflows.
 CREATE FUNCTION sessiontag._welch(mean1 double precision, var1 double precision, n1 bigint,
                                   mean2 double precision, var2 double precision, n2 bigint,
                                   confidence double precision,
@@ -663,23 +696,28 @@ IMMUTABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    a double precision;
-    b double precision;
-    half double precision := 0;
+    a numeric;
+    b numeric;
+    d numeric;
+    half numeric := 0;
 BEGIN
     IF _welch.n1 < 2 OR _welch.n2 < 2 THEN
         RETURN;
     END IF;
-    a := _welch.var1 / _welch.n1;
-    b := _welch.var2 / _welch.n2;
-    diff := _welch.mean1 - _welch.mean2;
-    IF a + b > 0 THEN
+    a := _welch.var1::numeric / _welch.n1;
+    b := _welch.var2::numeric / _welch.n2;
+    d := _welch.mean1::numeric - _welch.mean2::numeric;
+    IF a = 'Infinity' OR b = 'Infinity' THEN
+        half := 'Infinity';
+    ELSIF a + b > 0 THEN
         half := sessiontag._t_quantile(1 - (1 - _welch.confidence) / 2,
-                                       (a + b) ^ 2 / (a * a / (_welch.n1 - 1) + b * b / (_welch.n2 - 1)))
+                                       ((a + b) * (a + b) / (a * a / (_welch.n1 - 1) + b * b / (_welch.n2 - 1)))
+                                           ::double precision)::numeric
                 * sqrt(a + b);
     END IF;
-    low := diff - half;
-    high := diff + half;
+    diff := sessiontag._float(d);
+    low := sessiontag._float(d - half);
+    high := sessiontag._float(d + half);
 END
 $$;
 
@@ -879,13 +917,14 @@ BEGIN
                array_agg(ps.latency ORDER BY ps.latency) FILTER (WHERE ps.latency IS NOT NULL) AS latencies
         FROM per_session ps GROUP BY ps.llm_model_id
     ), scores AS (  -- each session's mean value of feedback_name
-        SELECT s.llm_model_id, avg(f.value)::double precision AS score
+        SELECT s.llm_model_id, avg(f.value) AS score
         FROM s JOIN sessiontag.feedback f ON f.user_id = s.user_id AND f.conversation_id = s.id
         WHERE compare_metrics.feedback_name IS NOT NULL AND f.name = compare_metrics.feedback_name
           AND f.value IS NOT NULL
         GROUP BY s.user_id, s.id, s.llm_model_id
     ), per_model_scores AS (
-        SELECT sc.llm_model_id, count(*) AS n, avg(sc.score) AS mean, var_samp(sc.score) AS var
+        SELECT sc.llm_model_id, count(*) AS n, sessiontag._float(avg(sc.score)) AS mean,
+               sessiontag._float(var_samp(sc.score)) AS var  -- numeric: values near 1e308 do not overflow
         FROM scores sc GROUP BY sc.llm_model_id
     ), models AS (  -- every model with sessions, and the baseline even without
         SELECT m.id, m.name, coalesce(m.id = compare_metrics.baseline_model_id, false) AS is_baseline,

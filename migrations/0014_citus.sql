@@ -446,21 +446,26 @@ BEGIN
         RAISE EXCEPTION 'payload must not be NULL' USING ERRCODE = 'null_value_not_allowed', COLUMN = 'payload';
     END IF;
     IF jsonb_typeof(_otlp_ingest.payload) <> 'object'
-       OR jsonb_typeof(_otlp_ingest.payload -> 'resourceSpans') IS DISTINCT FROM 'array' THEN
-        RAISE EXCEPTION 'payload must be an OTLP/JSON ExportTraceServiceRequest: an object with a resourceSpans array'
+       OR coalesce(jsonb_typeof(_otlp_ingest.payload -> 'resourceSpans'), 'null') NOT IN ('array', 'null') THEN
+        RAISE EXCEPTION 'payload must be an OTLP/JSON ExportTraceServiceRequest: an object whose resourceSpans, if any, is an array'
             USING ERRCODE = 'invalid_parameter_value', COLUMN = 'payload';
+    END IF;
+    -- proto3 JSON: a repeated field left out (or null) is empty, so {} is a request of no
+    -- spans (scopeSpans and spans below alike).
+    IF coalesce(jsonb_typeof(_otlp_ingest.payload -> 'resourceSpans'), 'null') = 'null' THEN
+        RETURN;
     END IF;
     -- The shape first, so a malformed request is named by its path, not by a cast deep inside.
     SELECT x.path, x.problem INTO bad FROM (
         SELECT format('payload.resourceSpans[%s].scopeSpans', r.i - 1) AS path, 'must be an array' AS problem, r.i, 0 AS s
         FROM jsonb_array_elements(_otlp_ingest.payload -> 'resourceSpans') WITH ORDINALITY AS r(rs, i)
-        WHERE jsonb_typeof(r.rs) <> 'object' OR jsonb_typeof(coalesce(r.rs -> 'scopeSpans', '[]')) <> 'array'
+        WHERE jsonb_typeof(r.rs) <> 'object' OR jsonb_typeof(coalesce(nullif(r.rs -> 'scopeSpans', 'null'), '[]')) <> 'array'
         UNION ALL
         SELECT format('payload.resourceSpans[%s].scopeSpans[%s].spans', r.i - 1, s.i - 1), 'must be an array', r.i, s.i
         FROM jsonb_array_elements(_otlp_ingest.payload -> 'resourceSpans') WITH ORDINALITY AS r(rs, i)
         CROSS JOIN LATERAL jsonb_array_elements(CASE WHEN jsonb_typeof(r.rs -> 'scopeSpans') = 'array'
                                                      THEN r.rs -> 'scopeSpans' ELSE '[]' END) WITH ORDINALITY AS s(ss, i)
-        WHERE jsonb_typeof(s.ss) <> 'object' OR jsonb_typeof(coalesce(s.ss -> 'spans', '[]')) <> 'array'
+        WHERE jsonb_typeof(s.ss) <> 'object' OR jsonb_typeof(coalesce(nullif(s.ss -> 'spans', 'null'), '[]')) <> 'array'
     ) x ORDER BY x.i, x.s LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION '%: %', bad.path, bad.problem USING ERRCODE = 'invalid_parameter_value', COLUMN = 'payload';
@@ -476,8 +481,8 @@ BEGIN
                sessiontag._otlp_attributes(r.rs -> 'resource' -> 'attributes') AS res,
                sessiontag._otlp_attributes(p.span -> 'attributes') AS own
         FROM jsonb_array_elements(_otlp_ingest.payload -> 'resourceSpans') WITH ORDINALITY AS r(rs, i)
-        CROSS JOIN LATERAL jsonb_array_elements(coalesce(r.rs -> 'scopeSpans', '[]')) WITH ORDINALITY AS s(ss, i)
-        CROSS JOIN LATERAL jsonb_array_elements(coalesce(s.ss -> 'spans', '[]')) WITH ORDINALITY AS p(span, i)
+        CROSS JOIN LATERAL jsonb_array_elements(coalesce(nullif(r.rs -> 'scopeSpans', 'null'), '[]')) WITH ORDINALITY AS s(ss, i)
+        CROSS JOIN LATERAL jsonb_array_elements(coalesce(nullif(s.ss -> 'spans', 'null'), '[]')) WITH ORDINALITY AS p(span, i)
     ), raw AS (
         SELECT row_number() OVER (ORDER BY x.ri, x.si, x.pi) AS n,
                format('payload.resourceSpans[%s].scopeSpans[%s].spans[%s]', x.ri - 1, x.si - 1, x.pi - 1) AS path,
@@ -497,6 +502,18 @@ BEGIN
     ), checked AS (
         SELECT nm.*, CASE
             WHEN jsonb_typeof(nm.span) <> 'object' THEN ROW('', 'must be a span object', '22023')::sessiontag._problem
+            -- Ids as OTLP/JSON writes them: hex, 16 bytes for a trace, 8 for a span, never
+            -- all zero (W3C trace context: an invalid id); an empty parentSpanId is a root.
+            WHEN coalesce(nm.span ->> 'traceId', '') !~ '^[0-9a-fA-F]{32}$' OR nm.span ->> 'traceId' ~ '^0+$' THEN
+                ROW('traceId', format('must be 32 hex digits, not all zero, got %s',
+                                      left(coalesce((nm.span -> 'traceId')::text, 'none'), 80)), '22023')::sessiontag._problem
+            WHEN coalesce(nm.span ->> 'spanId', '') !~ '^[0-9a-fA-F]{16}$' OR nm.span ->> 'spanId' ~ '^0+$' THEN
+                ROW('spanId', format('must be 16 hex digits, not all zero, got %s',
+                                     left(coalesce((nm.span -> 'spanId')::text, 'none'), 80)), '22023')::sessiontag._problem
+            WHEN coalesce(nm.span ->> 'parentSpanId', '') <> ''
+                 AND (nm.span ->> 'parentSpanId' !~ '^[0-9a-fA-F]{16}$' OR nm.span ->> 'parentSpanId' ~ '^0+$') THEN
+                ROW('parentSpanId', format('must be 16 hex digits, not all zero, or empty for a root span, got %s',
+                                           left((nm.span -> 'parentSpanId')::text, 80)), '22023')::sessiontag._problem
             WHEN nm.span ->> 'startTimeUnixNano' !~ '^[0-9]{0,19}$' THEN
                 ROW('startTimeUnixNano', format('must be nanoseconds since the epoch, got %s',
                                                 nm.span -> 'startTimeUnixNano'), '22023')::sessiontag._problem
@@ -1155,13 +1172,14 @@ BEGIN
                array_agg(ps.latency ORDER BY ps.latency) FILTER (WHERE ps.latency IS NOT NULL) AS latencies
         FROM per_session ps GROUP BY ps.llm_model_id
     ), scores AS (  -- each session's mean value of feedback_name
-        SELECT s.llm_model_id, avg(f.value)::double precision AS score
+        SELECT s.llm_model_id, avg(f.value) AS score
         FROM s JOIN sessiontag.feedback f ON f.user_id = s.user_id AND f.conversation_id = s.id
         WHERE compare_metrics.feedback_name IS NOT NULL AND f.name = compare_metrics.feedback_name
           AND f.value IS NOT NULL
         GROUP BY s.user_id, s.id, s.llm_model_id
     ), per_model_scores AS (
-        SELECT sc.llm_model_id, count(*) AS n, avg(sc.score) AS mean, var_samp(sc.score) AS var
+        SELECT sc.llm_model_id, count(*) AS n, sessiontag._float(avg(sc.score)) AS mean,
+               sessiontag._float(var_samp(sc.score)) AS var  -- numeric: values near 1e308 do not overflow
         FROM scores sc GROUP BY sc.llm_model_id
     ), models AS (  -- every model with sessions, and the baseline even without
         SELECT m.id, m.name, coalesce(m.id = compare_metrics.baseline_model_id, false) AS is_baseline,

@@ -309,7 +309,7 @@ BEGIN
     CROSS JOIN LATERAL (
         SELECT coalesce(sum(g.n), 0)::bigint AS feedback_count,
                coalesce(jsonb_object_agg(g.name, jsonb_build_object('count', g.n, 'mean', g.mean)), '{}') AS feedback
-        FROM (SELECT f.name, count(*) AS n, avg(f.value)::double precision AS mean
+        FROM (SELECT f.name, count(*) AS n, sessiontag._float(avg(f.value)) AS mean
               FROM sessiontag.feedback f
               WHERE f.user_id = c.user_id AND f.conversation_id = c.id
               GROUP BY f.name) g

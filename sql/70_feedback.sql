@@ -18,7 +18,9 @@ CREATE TABLE sessiontag.feedback (
     trace_id        text        CHECK (trace_id <> '' AND length(trace_id) <= 128),
     span_id         text        CHECK (span_id <> '' AND length(span_id) <= 128),
     name            text        NOT NULL CHECK (name <> '' AND length(name) <= 200),
-    value           numeric     CHECK (value NOT IN ('NaN', 'Infinity', '-Infinity')),
+    value           numeric     CHECK (value NOT IN ('NaN', 'Infinity', '-Infinity')
+                                       AND (value = 0 OR abs(value) BETWEEN 4.9406564584124654e-324
+                                                                       AND 1.7976931348623157e308)),
     label           text        CHECK (label <> '' AND length(label) <= 200),
     comment         text        CHECK (length(comment) <= 10000),
     source          text        NOT NULL DEFAULT 'user' CHECK (source <> '' AND length(source) <= 100),
@@ -40,6 +42,26 @@ COMMENT ON TABLE sessiontag.feedback IS 'Scores and labels on a session, trace o
 CREATE INDEX idx_feedback_trace ON sessiontag.feedback (user_id, trace_id, span_id) WHERE trace_id IS NOT NULL;
 CREATE INDEX idx_feedback_user_created ON sessiontag.feedback (user_id, created_at, id);
 CREATE INDEX idx_feedback_created ON sessiontag.feedback (created_at, user_id, id);
+
+-- A numeric as a double precision that never fails: past the largest double it is
+-- ±Infinity, below the smallest (in magnitude) 0. Feedback values are doubles (the table's
+-- CHECK), but their means and variances need not be (a variance of values near 1e308 is
+-- near 1e616), so the statistics of list_sessions, session_summary and compare_metrics
+-- convert with it and no stored value can make them fail.
+CREATE FUNCTION sessiontag._float(x numeric)
+RETURNS double precision
+LANGUAGE sql
+IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN _float.x = 'NaN' THEN 'NaN'::double precision
+                WHEN _float.x > 1.7976931348623157e308 THEN 'Infinity'::double precision
+                WHEN _float.x < -1.7976931348623157e308 THEN '-Infinity'::double precision
+                WHEN abs(_float.x) < 4.9406564584124654e-324 THEN 0::double precision
+                ELSE _float.x::double precision END
+$$;
+REVOKE ALL ON FUNCTION sessiontag._float(numeric) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION sessiontag._float(numeric) TO sessiontag_app, sessiontag_user, sessiontag_reader;
 
 -- Records a score and/or label on a session (conversation_id), a trace (trace_id) or a
 -- span (trace_id and span_id) of user_id, and returns the row id. The same (target, name,
@@ -80,6 +102,14 @@ BEGIN
     IF record_feedback.value IN ('NaN', 'Infinity', '-Infinity') THEN
         RAISE EXCEPTION 'value must be a finite number, got %', record_feedback.value
             USING ERRCODE = 'invalid_parameter_value', COLUMN = 'value';
+    END IF;
+    -- Values are doubles: the statistics over them (session_summary, compare_metrics) are.
+    IF record_feedback.value <> 0
+       AND NOT abs(record_feedback.value) BETWEEN 4.9406564584124654e-324 AND 1.7976931348623157e308 THEN
+        RAISE EXCEPTION 'value must fit a double precision (0 or a magnitude from 4.9406564584124654e-324 to 1.7976931348623157e308), got %',
+            CASE WHEN length(record_feedback.value::text) > 30 THEN btrim(to_char(record_feedback.value, '9.999999EEEE'))
+                 ELSE record_feedback.value::text END
+            USING ERRCODE = 'numeric_value_out_of_range', COLUMN = 'value';
     END IF;
     IF record_feedback.value IS NULL AND record_feedback.label IS NULL THEN
         RAISE EXCEPTION 'value or label must be given' USING ERRCODE = 'invalid_parameter_value', COLUMN = 'value';

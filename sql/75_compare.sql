@@ -265,7 +265,9 @@ BEGIN
 END
 $$;
 
--- The t interval of a mean from its sample mean, variance and size (n >= 2).
+-- The t interval of a mean from its sample mean, variance and size (n >= 2). The
+-- arithmetic is numeric, so no input overflows or underflows: a bound past the largest
+-- double is ±Infinity (an infinite variance gives (-Infinity, Infinity)).
 CREATE FUNCTION sessiontag._t_interval(mean double precision, variance double precision, n bigint,
                                        confidence double precision,
                                        OUT low double precision, OUT high double precision)
@@ -274,21 +276,22 @@ IMMUTABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    half double precision;
+    half numeric;
 BEGIN
     IF _t_interval.n < 2 THEN
         RETURN;
     END IF;
     half := CASE WHEN _t_interval.variance = 0 THEN 0
-                 ELSE sessiontag._t_quantile(1 - (1 - _t_interval.confidence) / 2, _t_interval.n - 1)
-                      * sqrt(_t_interval.variance / _t_interval.n) END;
-    low := _t_interval.mean - half;
-    high := _t_interval.mean + half;
+                 ELSE sessiontag._t_quantile(1 - (1 - _t_interval.confidence) / 2, _t_interval.n - 1)::numeric
+                      * sqrt(_t_interval.variance::numeric / _t_interval.n) END;
+    low := sessiontag._float(_t_interval.mean::numeric - half);
+    high := sessiontag._float(_t_interval.mean::numeric + half);
 END
 $$;
 
 -- Welch's interval for mean1 - mean2 (unequal variances, Welch–Satterthwaite degrees of
--- freedom); both sizes >= 2.
+-- freedom); both sizes >= 2. Numeric arithmetic, as in _t_interval: a bound or a
+-- difference past the largest double is ±Infinity, nothing overflows or underflows.
 CREATE FUNCTION sessiontag._welch(mean1 double precision, var1 double precision, n1 bigint,
                                   mean2 double precision, var2 double precision, n2 bigint,
                                   confidence double precision,
@@ -298,23 +301,28 @@ IMMUTABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    a double precision;
-    b double precision;
-    half double precision := 0;
+    a numeric;
+    b numeric;
+    d numeric;
+    half numeric := 0;
 BEGIN
     IF _welch.n1 < 2 OR _welch.n2 < 2 THEN
         RETURN;
     END IF;
-    a := _welch.var1 / _welch.n1;
-    b := _welch.var2 / _welch.n2;
-    diff := _welch.mean1 - _welch.mean2;
-    IF a + b > 0 THEN
+    a := _welch.var1::numeric / _welch.n1;
+    b := _welch.var2::numeric / _welch.n2;
+    d := _welch.mean1::numeric - _welch.mean2::numeric;
+    IF a = 'Infinity' OR b = 'Infinity' THEN
+        half := 'Infinity';
+    ELSIF a + b > 0 THEN
         half := sessiontag._t_quantile(1 - (1 - _welch.confidence) / 2,
-                                       (a + b) ^ 2 / (a * a / (_welch.n1 - 1) + b * b / (_welch.n2 - 1)))
+                                       ((a + b) * (a + b) / (a * a / (_welch.n1 - 1) + b * b / (_welch.n2 - 1)))
+                                           ::double precision)::numeric
                 * sqrt(a + b);
     END IF;
-    low := diff - half;
-    high := diff + half;
+    diff := sessiontag._float(d);
+    low := sessiontag._float(d - half);
+    high := sessiontag._float(d + half);
 END
 $$;
 
@@ -519,13 +527,14 @@ BEGIN
                array_agg(ps.latency ORDER BY ps.latency) FILTER (WHERE ps.latency IS NOT NULL) AS latencies
         FROM per_session ps GROUP BY ps.llm_model_id
     ), scores AS (  -- each session's mean value of feedback_name
-        SELECT s.llm_model_id, avg(f.value)::double precision AS score
+        SELECT s.llm_model_id, avg(f.value) AS score
         FROM s JOIN sessiontag.feedback f ON f.user_id = s.user_id AND f.conversation_id = s.id
         WHERE compare_metrics.feedback_name IS NOT NULL AND f.name = compare_metrics.feedback_name
           AND f.value IS NOT NULL
         GROUP BY s.user_id, s.id, s.llm_model_id
     ), per_model_scores AS (
-        SELECT sc.llm_model_id, count(*) AS n, avg(sc.score) AS mean, var_samp(sc.score) AS var
+        SELECT sc.llm_model_id, count(*) AS n, sessiontag._float(avg(sc.score)) AS mean,
+               sessiontag._float(var_samp(sc.score)) AS var  -- numeric: values near 1e308 do not overflow
         FROM scores sc GROUP BY sc.llm_model_id
     ), models AS (  -- every model with sessions, and the baseline even without
         SELECT m.id, m.name, coalesce(m.id = compare_metrics.baseline_model_id, false) AS is_baseline,

@@ -335,6 +335,9 @@ def test_feedback_is_replaced_per_target_name_and_source_and_shows_in_summaries(
     (dict(name="thumbs", value=Decimal("NaN"), trace_id="trace-1"), "22023", "value"),
     (dict(name="thumbs", value=Decimal("Infinity"), trace_id="trace-1"), "22023", "value"),
     (dict(name="thumbs", trace_id="trace-1"), "22023", "value"),                      # neither value nor label
+    (dict(name="thumbs", value=Decimal("1e400"), trace_id="trace-1"), "22003", "value"),  # past a double
+    (dict(name="thumbs", value=Decimal("-1.8e308"), trace_id="trace-1"), "22003", "value"),
+    (dict(name="thumbs", value=Decimal("1e-400"), trace_id="trace-1"), "22003", "value"),  # a double's 0
     (dict(name="thumbs", value=1, trace_id="no-such-trace"), "P0002", "trace_id"),
     (dict(name="thumbs", value=1, trace_id="trace-1", span_id="nope"), "P0002", "span_id"),
     (dict(name="thumbs", value=1, span_id="llm", conversation_id="CONV"), "22023", "span_id"),
@@ -353,6 +356,52 @@ def test_bad_feedback_gets_a_clear_error_and_stores_nothing(conn, chat, kwargs, 
     assert caught.value.sqlstate == sqlstate, caught.value
     assert str(caught.value).startswith(named), caught.value
     assert one(conn, "SELECT count(*) FROM sessiontag.feedback")[0] == 0
+
+
+def test_feedback_values_at_the_ends_of_a_double_keep_every_statistic_working(conn, dsn):
+    """Values a double holds, however large or small, never make a summary or a comparison
+    fail: a mean stays a double, a variance past it gives an infinite interval."""
+    base, other = models(conn, "Base", "Other")
+    user = uuid.uuid4()
+    huge, tiny = Decimal("1.7976931348623157e308"), Decimal("4.9406564584124654e-324")
+    sessions = [dict(user=user, model=model, error=False, latencies=[100.0], costs=[Decimal("0.01")], score=score)
+                for model, scores in ((base, [huge, -huge] * 6), (other, [tiny, -tiny, tiny] * 4))
+                for score in scores]
+    load_experiment(conn, sessions)
+    with nullcontext(Client(conn)) as client:
+        conv = client.create_conversation(user, base)
+        for name, value in (("big", huge), ("big2", huge), ("small", tiny)):
+            client.record_feedback(user, name, value=value, conversation_id=conv.id)
+            client.record_feedback(user, name, value=value, conversation_id=conv.id, source="judge")
+        summary = client.session_summary(conv.session_id, user)[0]
+        assert summary.feedback["big"]["count"] == 2 and float(summary.feedback["big"]["mean"]) == float(huge)
+        assert summary.feedback["small"]["count"] == 2 and 0 <= float(summary.feedback["small"]["mean"]) <= float(tiny)
+        assert len(client.list_sessions(user_id=user, page_size=100)) == len(sessions) + 1
+        rows = by_metric(client.compare_metrics(baseline_model_id=base, feedback_name="score"))
+    fb = rows[(base, "feedback")]
+    assert fb.sessions == 12 and fb.value == 0 and (fb.low, fb.high) == (-math.inf, math.inf)
+    fb = rows[(other, "feedback")]
+    assert fb.sessions == 12 and abs(fb.value) <= float(tiny) and fb.low <= fb.value <= fb.high
+    assert (fb.diff_low, fb.diff_high, fb.verdict) == (-math.inf, math.inf, "no clear difference")
+    # The extremes of the helpers themselves: differences past a double, tiny variances.
+    assert one(conn, "SELECT * FROM sessiontag._welch(%s, 1, 10, %s, 1, 10, 0.95)",
+               float(huge), -float(huge)) == (math.inf, math.inf, math.inf)
+    low, high = one(conn, "SELECT * FROM sessiontag._t_interval(1e-300, 5e-324, 10, 0.95)")
+    assert low <= 1e-300 <= high
+    assert one(conn, "SELECT * FROM sessiontag._welch(0, 1e-320, 10, 0, 1e-320, 12, 0.95)")[0] == 0
+    # The CLI shows such intervals too.
+    table = sessiontag_cli("--dsn", dsn, "compare", "--baseline", "base", "--feedback", "score")
+    assert table.returncode == 0 and "Other" in table.stdout, table.stderr
+    shown = sessiontag_cli("--dsn", dsn, "compare", "--baseline", "base", "--feedback", "score", "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    shown = {(r["model_name"], r["metric"]): r for r in json.loads(shown.stdout)}
+    assert len(shown) == 8 and (shown["Base", "feedback"]["low"], shown["Base", "feedback"]["high"]) == (
+        "-Infinity", "Infinity")
+    assert "[-∞, ∞]" in table.stdout, table.stdout
+    # The table refuses what record_feedback refuses, even from its owner.
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO sessiontag.feedback (user_id, conversation_id, name, value)"
+                     " VALUES (%s, %s, 'x', 1e400)", [user, conv.id])
 
 
 @pytest.fixture
@@ -434,6 +483,8 @@ def test_cli_feedback_and_compare_with_a_baseline(dsn):
              "trace_id nope not found"),
             (["feedback", "add", "--user", str(user), "--session", tag, "--name", "t", "--value", "NaN"],
              "not a finite number"),
+            (["feedback", "add", "--user", str(user), "--session", tag, "--name", "t", "--value", "1e400"],
+             "value must fit a double precision"),
             (["compare", "--baseline", "no-such-model"], "no model with name, key or id"),
             (["compare", "--baseline", "gpt-4o", "--feedback", ""], "feedback_name must not be empty")]:
         assert expected in _one_line_error(sessiontag_cli("--dsn", dsn, *args)), args

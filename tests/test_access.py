@@ -205,7 +205,7 @@ def test_privilege_matrix(env, admin):
              "_check_page_size", "_check_range", "_summarize", "_format_tag", "_tag_parts", "_handed_out",
              "list_feedback", "compare_metrics", "_lgamma", "_beta_inc", "_binom_cdf", "_norm_quantile", "_t_cdf",
              "_t_quantile", "_z", "_wilson", "_newcombe", "_t_interval", "_welch", "_median", "_median_interval",
-             "_median_se", "_median_diff", "_min_sessions", "_verdict", "_not_on_a_shard"}
+             "_median_se", "_median_diff", "_min_sessions", "_verdict", "_float", "_not_on_a_shard"}
     user = reads | {"generate_session_tag", "generate_session_tags", "create_conversation", "ensure_session_tag",
                     "set_analytics_tracking", "start_trace", "end_trace", "record_trace", "ingest_traces",
                     "create_span_staging", "ingest_staged_spans",

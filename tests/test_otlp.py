@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 import time
 import uuid
@@ -106,14 +107,14 @@ def test_the_conversation_existing_under_its_external_id_is_used(conn, model):
 
 
 @pytest.mark.parametrize("mutate, sqlstate, message", [
-    (lambda p: p.pop("resourceSpans"), "22023", "payload must be an OTLP/JSON ExportTraceServiceRequest"),
+    (lambda p: p.update(resourceSpans={}), "22023", "payload must be an OTLP/JSON ExportTraceServiceRequest"),
     (lambda p: p["resourceSpans"][0].update(scopeSpans={}), "22023", "payload.resourceSpans[0].scopeSpans: must be"),
     (lambda p: p["resourceSpans"][0]["scopeSpans"][0]["spans"].append("x"), "22023",
      "payload.resourceSpans[0].scopeSpans[0].spans[2]: must be a span object"),
     (lambda p: p["resourceSpans"][0]["scopeSpans"][0]["spans"][1]["attributes"].append(attr("user.id", "nope")),
      "22P02", "payload.resourceSpans[0].scopeSpans[0].spans[1].attributes[user.id]: 'nope' is not a uuid"),
     (lambda p: p["resourceSpans"][0]["scopeSpans"][0]["spans"][1].update(spanId=""), "22023",
-     "payload.resourceSpans[0].scopeSpans[0].spans[1].span_id: must not be empty"),
+     "payload.resourceSpans[0].scopeSpans[0].spans[1].spanId: must be 16 hex digits, not all zero, got \"\""),
     (lambda p: p["resourceSpans"][0]["scopeSpans"][0]["spans"][1]["attributes"].append(
         attr("gen_ai.usage.input_tokens", -5)), "22023", "payload.resourceSpans[0].scopeSpans[0].spans[1].input_tokens"),
     (lambda p: p["resourceSpans"][0]["scopeSpans"][0]["spans"][1].update(startTimeUnixNano="abc"), "22023",
@@ -146,7 +147,7 @@ def test_concurrent_exports_of_one_new_conversation_make_one_session(dsn):
     user, barrier, errors = str(uuid.uuid4()), threading.Barrier(8), []
 
     def exporter(i):
-        payload = request(span(f"{i:016x}", "chat", {"gen_ai.conversation.id": "shared-chat",
+        payload = request(span(f"{i + 1:016x}", "chat", {"gen_ai.conversation.id": "shared-chat",
                                                      "gen_ai.request.model": "gpt-4o" if i % 2 else "local-llm"}),
                           resource={"user.id": user})
         try:
@@ -268,7 +269,7 @@ def test_default_user_is_refused_for_plain_span_files(dsn, tmp_path):
     assert "--default-user applies to OTLP exports only" in message
 
 
-# -- the mapping, attribute by attribute (SPEC: the OpenTelemetry front door) -------------
+# -- the mapping, attribute by attribute ---------------------------------------------------
 def _one(conn, columns):
     return conn.execute(f"SELECT {columns} FROM sessiontag.llm_traces").fetchone()
 
@@ -398,3 +399,69 @@ def test_partial_refuses_bad_spans_and_stores_the_rest(conn, model):
     # the refused span's new conversation was not kept, and took no session number
     assert conn.execute("SELECT external_id, session_counter FROM sessiontag.conversations").fetchall() == [("p-1", 1)]
     assert counts(conn) == (1, 2, 1)
+
+
+@pytest.mark.parametrize("payload", [
+    {}, {"resourceSpans": None}, {"resourceSpans": []}, {"resourceSpans": [{}]},
+    {"resourceSpans": [{"resource": {}, "scopeSpans": None}]}, {"resourceSpans": [{"scopeSpans": [{}]}]},
+    {"resourceSpans": [{"scopeSpans": [{"scope": {"name": "x"}, "spans": None}]}]},
+])
+def test_a_request_of_no_spans_is_valid_and_stores_nothing(conn, payload):
+    """proto3 JSON: a repeated field left out (or null) is empty."""
+    assert ingest(conn, payload) == 0
+    assert conn.execute("SELECT stored, rejected FROM sessiontag.ingest_otlp_partial(%s)",
+                        [json.dumps(payload)]).fetchone() == (0, [])
+    assert counts(conn) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("payload, message", [
+    ([], "payload must be an OTLP/JSON ExportTraceServiceRequest"),
+    ({"resourceSpans": 5}, "payload must be an OTLP/JSON ExportTraceServiceRequest"),
+    ({"resourceSpans": [{"scopeSpans": {}}]}, "payload.resourceSpans[0].scopeSpans: must be an array"),
+])
+def test_a_request_that_is_no_export_request_still_raises(conn, payload, message):
+    for function in ("ingest_otlp", "ingest_otlp_partial"):
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=re.escape(message)):
+            with conn.transaction():
+                conn.execute(f"SELECT * FROM sessiontag.{function}(%s)", [json.dumps(payload)])
+
+
+BAD_IDS = [  # (key, value, field, what the problem says)
+    ("traceId", "4bf92f3577b34da6a3ce929d0e0e473", "traceId", "must be 32 hex digits"),     # 31 digits
+    ("traceId", "4bf92f3577b34da6a3ce929d0e0e4736ff", "traceId", "must be 32 hex digits"),  # 34
+    ("traceId", "zbf92f3577b34da6a3ce929d0e0e4736", "traceId", "must be 32 hex digits"),
+    ("traceId", "0" * 32, "traceId", "not all zero"),
+    ("traceId", None, "traceId", "got none"),
+    ("spanId", "e1e1e1e1", "spanId", "must be 16 hex digits"),
+    ("spanId", "0" * 16, "spanId", "not all zero"),
+    ("spanId", "", "spanId", "must be 16 hex digits"),
+    ("spanId", 12, "spanId", "must be 16 hex digits"),
+    ("parentSpanId", "abc", "parentSpanId", "must be 16 hex digits"),
+    ("parentSpanId", "0" * 16, "parentSpanId", "not all zero"),
+]
+
+
+@pytest.mark.parametrize("key, value, field, problem", BAD_IDS)
+def test_a_span_with_an_invalid_id_is_refused_not_stored(conn, key, value, field, problem):
+    user = str(uuid.uuid4())
+    bad = span("e2e2e2e2e2e2e2e2", "bad id", {})
+    if value is None:
+        del bad[key]
+    else:
+        bad[key] = value
+    payload = request(span("e2e2e2e2e2e2e2e1", "good", {}), bad, span("e2e2e2e2e2e2e2e3", "root", {}, parent=""),
+                      resource={"user.id": user})
+    path = "payload.resourceSpans[0].scopeSpans[0].spans[1]"
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as caught:
+        with conn.transaction():
+            ingest(conn, payload)
+    assert str(caught.value).startswith(f"{path}.{field}: {problem}" if problem.startswith("must")
+                                        else f"{path}.{field}: must be"), caught.value
+    assert problem in str(caught.value)
+    assert counts(conn) == (0, 0, 0)
+    stored, rejected = conn.execute("SELECT stored, rejected FROM sessiontag.ingest_otlp_partial(%s)",
+                                    [json.dumps(payload)]).fetchone()
+    assert stored == 2 and [(r["path"], r["field"], r["sqlstate"]) for r in rejected] == [(path, field, "22023")]
+    assert problem in rejected[0]["problem"]
+    assert [r[0] for r in conn.execute("SELECT span_id FROM sessiontag.llm_traces ORDER BY span_id")] == [
+        "e2e2e2e2e2e2e2e1", "e2e2e2e2e2e2e2e3"]

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -198,6 +199,58 @@ def test_one_bad_span_is_refused_by_partial_success_and_the_others_stored(dsn):
     assert "refused 1 spans: span b000000000000002" in r.log
 
 
+def test_an_empty_request_is_200_and_spans_with_bad_ids_are_refused_by_name(dsn):
+    user = str(uuid.uuid4())
+    with receiver(dsn) as r:
+        for empty in (b"{}", b'{"resourceSpans": []}', b'{"resourceSpans": [{"scopeSpans": [{}]}]}'):
+            assert post(r.url, empty)[:3:2] == (200, b"{}"), empty
+        assert post(r.url, ExportTraceServiceRequest().SerializeToString(), "application/x-protobuf")[0] == 200
+        spans = [span("a100000000000001", "good", {}), span("a100000000000002", "short trace", {}),
+                 span("a100000000000003", "zero span", {}), span("a100000000000004", "bad parent", {}, parent="xyz")]
+        spans[1]["traceId"] = "4bf92f35"
+        spans[2]["spanId"] = "0" * 16
+        status, _, body = post(r.url, json.dumps(request(*spans, resource={"user.id": user})).encode())
+        answer = json.loads(body)["partialSuccess"]
+        where = "payload.resourceSpans[0].scopeSpans[0].spans"
+        assert status == 200 and answer["rejectedSpans"] == "3"
+        assert answer["errorMessage"] == (
+            f'{where}[1]: traceId: must be 32 hex digits, not all zero, got "4bf92f35"; '
+            f'{where}[2]: spanId: must be 16 hex digits, not all zero, got "0000000000000000"; '
+            'span a100000000000004 of trace 4bf92f3577b34da6a3ce929d0e0e4736: parentSpanId: must be 16 hex digits,'
+            ' not all zero, or empty for a root span, got "xyz"')
+        # protobuf: ids of the wrong length, an all-zero trace id
+        proto = ExportTraceServiceRequest()
+        rs = proto.resource_spans.add()
+        kv = rs.resource.attributes.add()
+        kv.key, kv.value.string_value = "user.id", user
+        ss = rs.scope_spans.add()
+        for trace_id, span_id in ((b"\x01" * 16, b"\x02" * 8), (b"\x00" * 16, b"\x03" * 8), (b"\x01" * 16, b"\x04" * 4)):
+            s = ss.spans.add()
+            s.trace_id, s.span_id, s.name, s.start_time_unix_nano = trace_id, span_id, "p", 1
+        status, _, body = post(r.url, proto.SerializeToString(), "application/x-protobuf")
+        partial = ExportTraceServiceResponse.FromString(body).partial_success
+        assert status == 200 and partial.rejected_spans == 2
+        assert partial.error_message == (
+            f'{where}[1]: traceId: must be 32 hex digits, not all zero, got "{"0" * 32}"; '
+            f'{where}[2]: spanId: must be 16 hex digits, not all zero, got "04040404"')
+        # the user is missing: the message names serve's option, not the SQL parameter
+        status, _, body = post(r.url, json.dumps(request(span("a100000000000005", "x", {}))).encode())
+        answer = json.loads(body)["partialSuccess"]
+        assert status == 200 and answer["errorMessage"].endswith("or --default-user"), answer
+    assert stored(dsn) == [("0202020202020202",), ("a100000000000001",)]
+    assert "default_user_id" not in r.log and "refused 1 spans: span a100000000000005" in r.log
+
+
+def test_an_unreachable_database_is_logged_one_line_at_a_time():
+    with receiver("host=127.0.0.1 port=1 dbname=x connect_timeout=2") as r:
+        time.sleep(4.5)  # the pool retries after ~1, 2 and 4 s
+        assert get(r.url) == (503, {"status": "unavailable", "reason": "the database is unreachable"})
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ sessiontag serve: ", line) for line in r.lines[1:]), r.log
+    failures = [line for line in r.lines if "cannot connect to the database: " in line]
+    assert len(failures) == 1 and "Connection refused; Is the server running" in failures[0], r.log
+    assert r.log.count("GET /healthz: 503: the database is unreachable") == 1
+
+
 def test_undecodable_bodies_are_400_and_oversize_413(dsn):
     with receiver(dsn, "--max-body", "1") as r:
         status, _, body = post(r.url, b"\xff\x00garbage", "application/x-protobuf")
@@ -318,3 +371,50 @@ def test_database_down_mid_stream_503_then_every_span_once(private_server):
         assert conn.execute("SELECT count(*), count(DISTINCT (trace_id, span_id)), count(DISTINCT session_tag)"
                             " FROM sessiontag.llm_traces").fetchone() == (9, 9, 0)
     assert ": 503: " in r.log
+
+
+# -- make demo's OpenTelemetry step and its example ----------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+VENV = Path(sys.executable).parent.parent
+
+
+def make_demo_otel(dsn: str, port: int) -> subprocess.CompletedProcess:
+    """`make demo-otel` (the last step of `make demo`) against DSN, on PORT, with this venv."""
+    return subprocess.run(["make", "--no-print-directory", "-o", "install", "demo-otel", f"OTLP_PORT={port}",
+                           f"VENV={VENV}"], cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "DATABASE_URL": dsn})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_make_demo_sends_the_example_through_serve(dsn, model):
+    result = make_demo_otel(dsn, free_port())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "$ OTEL_EXPORTER_OTLP_ENDPOINT=" in result.stdout and "(sessiontag serve stopped)" in result.stdout
+    assert len(stored(dsn)) == 6
+
+
+def test_make_demo_fails_with_the_serve_log_when_serve_cannot_start(dsn):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = make_demo_otel(dsn, port)
+    assert result.returncode != 0
+    assert f"sessiontag serve did not start (no answer from /healthz on 127.0.0.1:{port})" in result.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in result.stdout  # the example never ran
+    assert stored(dsn) == []
+
+
+def test_the_example_exits_1_when_its_export_is_refused(dsn):
+    with receiver(dsn, "--token", "secret") as r:  # the example sends no token: 401
+        result = subprocess.run([sys.executable, str(REPO / "examples" / "otel_chat.py")], capture_output=True,
+                                text=True, timeout=120, env={**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": r.url})
+    assert result.returncode == 1 and result.stdout == ""
+    assert "could not export the spans of conversation" in result.stderr and "refused" in result.stderr
+    assert ": 401: " in r.log

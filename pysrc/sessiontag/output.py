@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Iterable
@@ -34,6 +35,8 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (UUID, Decimal)):
         return str(value)
     if isinstance(value, float):
+        if not math.isfinite(value):  # JSON has no infinities: strings, as protobuf's JSON writes them
+            return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
         # A double holds 15 significant digits: the rest is binary noise (1510.7930000000001).
         return float(f"{value:.15g}")
     if isinstance(value, datetime):

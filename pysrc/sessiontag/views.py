@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Iterable
 
@@ -105,13 +106,15 @@ def comparison_chart(rows: list[dict], metrics: list[tuple[str, str, Any]], widt
 def error_bar(value: float | None, low: float | None, high: float | None, start: float, end: float,
               width: int = 24) -> str:
     """An interval on a shared scale [start, end] as `├──●───┤`: the value at ●, the bounds
-    at ├ and ┤; an open bound (no interval) runs to the edge as ·."""
-    if value is None or end <= start:
+    at ├ and ┤; an open bound (no interval, or an infinite one) runs to the edge as ·."""
+    if value is None or not end > start or not math.isfinite(value):
         return " " * width
 
-    def at(x: float) -> int:
-        return min(width - 1, max(0, round((x - start) / (end - start) * (width - 1))))
+    def at(x: float) -> int:  # halves, so that no difference of doubles overflows
+        return min(width - 1, max(0, round((x / 2 - start / 2) / (end / 2 - start / 2) * (width - 1))))
 
+    low = low if low is not None and math.isfinite(low) else None
+    high = high if high is not None and math.isfinite(high) else None
     cells = [" "] * width
     left = at(low) if low is not None else 0
     right = at(high) if high is not None else width - 1

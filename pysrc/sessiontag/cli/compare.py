@@ -3,6 +3,7 @@ with its confidence interval, the difference from the baseline and a verdict."""
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 
 import click
@@ -77,7 +78,8 @@ def compare_cmd(state: State, user_id, models_, since, until, baseline, feedback
 
 
 def _interval(fmt, low, high) -> str:
-    return f"[{'-∞' if low is None else fmt(low)}, {'∞' if high is None else fmt(high)}]"
+    return (f"[{'-∞' if low is None or low == -math.inf else fmt(low)}, "
+            f"{'∞' if high is None or high == math.inf else fmt(high)}]")
 
 
 def _show_metrics(rows: list[MetricComparison], fmt: str, baseline_id, feedback_name, confidence: float) -> None:
@@ -100,7 +102,7 @@ def _show_metrics(rows: list[MetricComparison], fmt: str, baseline_id, feedback_
             continue
         click.echo()
         click.echo(label.format(name=feedback_name))
-        ends = [x for r in block for x in (r.low, r.high, r.value) if x is not None]
+        ends = [x for r in block for x in (r.low, r.high, r.value) if x is not None and math.isfinite(x)]
         start, end = (min(ends), max(ends)) if ends else (0.0, 0.0)
         for r in block:
             name = r.model_name + (" (baseline)" if r.model_id == baseline_id else "")

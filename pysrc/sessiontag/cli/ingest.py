@@ -141,7 +141,7 @@ def _stored_line(stored: int, total: int, kind: str = "") -> str:
 @cli.command("ingest", short_help="Store spans from a JSON, JSON lines or OTLP file.")
 @click.argument("source", metavar="FILE|-", type=click.File("r", encoding="utf-8-sig"))
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=1000, show_default=True,
-              help="Spans per ingest_traces call.")
+              help="Spans per batch (one COPY into the staging and one ingest_staged_spans call).")
 @progress_option
 @click.option("--default-user", "default_user_id", type=USER_ID,
               help="OTLP only: the user of spans without a user.id attribute.")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import click
 
 from ..errors import SessiontagError
@@ -34,7 +32,7 @@ def serve_cmd(state: State, host: str, port: int, tokens: tuple[str, ...], token
     SIGTERM finishes the requests in flight, then exits."""
     try:
         from ..server import ServerConfig, TokenError, load_tokens, run
-        from ..server.app import MIB, listen, loopback_only
+        from ..server.app import MIB, configure_logging, listen, loopback_only
     except ImportError as exc:
         raise SessiontagError(f"serve needs the 'serve' extra ({exc.name} is missing): "
                               "pip install 'sessiontag[serve]'") from None
@@ -47,7 +45,7 @@ def serve_cmd(state: State, host: str, port: int, tokens: tuple[str, ...], token
     config = ServerConfig(dsn=state.dsn, host=host, port=port, tokens=token_list, default_user_id=default_user,
                           max_body=max_body * MIB, pool_size=pool_size)
     sock = listen(host, port)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s sessiontag serve: %(message)s")
+    configure_logging()
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     click.echo(f"sessiontag serve: listening on http://{shown}:{bound[1]}/v1/traces"

@@ -15,6 +15,8 @@ import ipaddress
 import logging
 import signal
 import socket
+import threading
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from uuid import UUID
@@ -78,21 +80,76 @@ _BAD_INPUT = ("22", "23", "42501")
 _RETRYABLE = ("08", "40", "53", "55P03", "57")
 
 
+def _for_serve(message: str) -> str:
+    """A database message in serve's words: the SQL functions' default_user_id is the
+    --default-user option here (as `sessiontag ingest` says too)."""
+    return message.replace("default_user_id", "--default-user")
+
+
 def _describe(exc: psycopg.Error) -> str:
     diag = getattr(exc, "diag", None)
     primary = getattr(diag, "message_primary", None)
-    return primary or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return _for_serve(primary or (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+
+
+# The span fields whose problem makes the span's ids no name for it: the path names it.
+_ID_FIELDS = ("traceId", "spanId")
 
 
 def _rejections(rejected: list[dict]) -> str:
-    """error_message of partial_success: each refused span by its ids, and why."""
+    """error_message of partial_success: each refused span by its ids (by its place in
+    the request when an id is what is wrong), and why."""
     parts = []
     for r in rejected:
-        where = (f"span {r['span_id']} of trace {r['trace_id']}" if r.get("span_id") and r.get("trace_id")
-                 else r["path"])
+        where = (f"span {r['span_id']} of trace {r['trace_id']}"
+                 if r.get("span_id") and r.get("trace_id") and r.get("field") not in _ID_FIELDS else r["path"])
         what = f"{r['field']}: {r['problem']}" if r.get("field") else r["problem"]
         parts.append(f"{where}: {what}")
-    return "; ".join(parts)
+    return _for_serve("; ".join(parts))
+
+
+class PoolLogFilter(logging.Filter):
+    """psycopg_pool's warnings as serve logs them: one line each (its connection errors
+    carry libpq's hint on a second line), and the same line again within `window`
+    seconds dropped, counted in the next one let through. The pool retries a lost
+    database every 1 to 10 s; /healthz and each refused request say 503 on their own."""
+
+    def __init__(self, pool_name: str = "", window: float = 60.0):
+        super().__init__()
+        self.pool_name, self.window = pool_name, window
+        self._seen: dict[str, list] = {}  # line -> [when last let through, dropped since]
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        line = "; ".join(part.strip() for part in record.getMessage().splitlines() if part.strip())
+        if self.pool_name:
+            line = line.replace(f"error connecting in {self.pool_name!r}: ", "cannot connect to the database: ")
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen.get(line)
+            if seen is not None and now - seen[0] < self.window:
+                seen[1] += 1
+                return False
+            dropped = seen[1] if seen else 0
+            # Forget the lines of past windows (some name a connection, so they vary).
+            for key in [k for k, (when, _) in self._seen.items() if now - when >= self.window]:
+                del self._seen[key]
+            self._seen[line] = [now, 0]
+        if dropped:
+            line += f" (and {dropped} more times in the last {int(now - seen[0])} s)"
+        record.msg, record.args = line, None
+        return True
+
+
+POOL_NAME = "sessiontag-serve"
+
+
+def configure_logging() -> None:
+    """serve's log: one line per event, with the time, on stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s sessiontag serve: %(message)s")
+    pool_log = logging.getLogger("psycopg.pool")
+    pool_log.setLevel(logging.WARNING)
+    pool_log.addFilter(PoolLogFilter(POOL_NAME))
 
 
 class Receiver:
@@ -101,7 +158,7 @@ class Receiver:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.pool = ConnectionPool(config.dsn, min_size=1, max_size=config.pool_size, open=False,
-                                   check=ConnectionPool.check_connection, name="sessiontag-serve")
+                                   check=ConnectionPool.check_connection, name=POOL_NAME)
         self._acting_role: str | None = None
 
     @asynccontextmanager
