@@ -348,6 +348,38 @@ def test_sigterm_drains_in_flight_requests(dsn):
     assert len(stored(dsn)) == 4
 
 
+def test_every_connection_busy_is_429_with_retry_after_and_nothing_lost(dsn):
+    """One pooled connection, held by a request waiting inside the database: the next
+    request is 429 with Retry-After (so an exporter retries), and both are stored after."""
+    user = str(uuid.uuid4())
+    results = {}
+    with psycopg.connect(dsn) as blocker, receiver(dsn, "--pool-size", "1") as r:
+        get(r.url)  # the pool's one connection is open
+        blocker.execute("LOCK TABLE sessiontag.llm_traces IN EXCLUSIVE MODE")
+
+        def send(name):
+            results[name] = post(r.url, json.dumps(request(span(f"{name:0>16}", "x", {}),
+                                                           resource={"user.id": user})).encode())
+
+        first = threading.Thread(target=send, args=("a",))
+        first.start()
+        deadline = time.monotonic() + 10
+        while blocker.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation ="
+                              " 'sessiontag.llm_traces'::regclass").fetchone()[0] < 1:
+            assert time.monotonic() < deadline, r.log
+            time.sleep(0.05)
+        send("b")
+        status, headers, _ = results["b"]
+        assert status == 429 and int(headers["Retry-After"]) >= 1, results["b"]
+        blocker.rollback()
+        first.join(30)
+        assert results["a"][0] == 200
+        send("b")  # the exporter's retry
+        assert results["b"][0] == 200
+    assert [row[0] for row in stored(dsn)] == ["000000000000000a", "000000000000000b"]
+    assert "429" in r.log
+
+
 def test_database_down_mid_stream_503_then_every_span_once(private_server):
     own_server, dsn = private_server
     user = str(uuid.uuid4())
