@@ -477,7 +477,12 @@ DECLARE
     scoped uuid := sessiontag._check_user();
     -- The spans as staging rows ($1: spans, $2: scoped), after the checks only JSON needs
     -- (they mirror the JSON part of _element_problem); the times are cast only after
-    -- them. OFFSET 0 keeps these checks first, below the mover's.
+    -- them. OFFSET 0 keeps these checks first, below the mover's, and casts each time once
+    -- (flattened, the mover's checks would cast it again). The checks are written for
+    -- speed (they were a fifth of the call's own work): a text field is looked at in the JSON
+    -- only when the record has a value for it (a JSON null or a missing key is none), and
+    -- a time is matched against _iso_time_pattern()'s rule by translate() rather than a
+    -- regular expression (half the cost).
     json_source CONSTANT text := $sql$(
         SELECT r.user_id, r.trace_id, r.span_id, r.span_name, r.operation_type, r.conversation_id,
                r.parent_span_id, r.model_id, r.model_name, r.model_provider, r.session_tag, r.input_data,
@@ -494,24 +499,25 @@ DECLARE
         WHERE CASE
             WHEN e.elem - sessiontag._span_fields() <> '{}'::jsonb
               -- _span_text_fields(), written out: a subquery over it per row would cost more.
-              OR jsonb_typeof(e.elem -> 'trace_id') NOT IN ('string', 'null')
-              OR jsonb_typeof(e.elem -> 'span_id') NOT IN ('string', 'null')
-              OR jsonb_typeof(e.elem -> 'parent_span_id') NOT IN ('string', 'null')
-              OR jsonb_typeof(e.elem -> 'span_name') NOT IN ('string', 'null')
-              OR jsonb_typeof(e.elem -> 'operation_type') NOT IN ('string', 'null')
-              OR jsonb_typeof(e.elem -> 'model_name') NOT IN ('string', 'null')
-              OR jsonb_typeof(e.elem -> 'model_provider') NOT IN ('string', 'null')
-              OR jsonb_typeof(e.elem -> 'session_tag') NOT IN ('string', 'null')
-              OR jsonb_typeof(e.elem -> 'status') NOT IN ('string', 'null')
-              OR jsonb_typeof(e.elem -> 'error_message') NOT IN ('string', 'null')
-              OR jsonb_typeof(e.elem -> 'message_id') NOT IN ('string', 'null')
-              OR r.start_time !~ sessiontag._iso_time_pattern()
-              OR r.end_time !~ sessiontag._iso_time_pattern()
+              OR (r.trace_id IS NOT NULL AND jsonb_typeof(e.elem -> 'trace_id') <> 'string')
+              OR (r.span_id IS NOT NULL AND jsonb_typeof(e.elem -> 'span_id') <> 'string')
+              OR (r.parent_span_id IS NOT NULL AND jsonb_typeof(e.elem -> 'parent_span_id') <> 'string')
+              OR (r.span_name IS NOT NULL AND jsonb_typeof(e.elem -> 'span_name') <> 'string')
+              OR (r.operation_type IS NOT NULL AND jsonb_typeof(e.elem -> 'operation_type') <> 'string')
+              OR (r.model_name IS NOT NULL AND jsonb_typeof(e.elem -> 'model_name') <> 'string')
+              OR (r.model_provider IS NOT NULL AND jsonb_typeof(e.elem -> 'model_provider') <> 'string')
+              OR (r.session_tag IS NOT NULL AND jsonb_typeof(e.elem -> 'session_tag') <> 'string')
+              OR (r.status IS NOT NULL AND jsonb_typeof(e.elem -> 'status') <> 'string')
+              OR (r.error_message IS NOT NULL AND jsonb_typeof(e.elem -> 'error_message') <> 'string')
+              OR (r.message_id IS NOT NULL AND jsonb_typeof(e.elem -> 'message_id') <> 'string')
+              -- ^[0-9]{4}-[0-9]{2}-[0-9]{2}, as _iso_time_pattern() says
+              OR translate(left(r.start_time, 10), '123456789', '000000000') <> '0000-00-00'
+              OR translate(left(r.end_time, 10), '123456789', '000000000') <> '0000-00-00'
               OR r.user_id <> $2
             THEN sessiontag._invalid_span()
             ELSE true
         END
-        ) s$sql$;
+        OFFSET 0) s$sql$;
     stored bigint;
     err_state text;
     err_message text;

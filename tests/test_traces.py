@@ -575,6 +575,29 @@ def test_ingest_names_an_end_before_a_start_stored_earlier_in_the_batch(shared):
         assert _state(c) == before
 
 
+# ingest_traces judges a time's text without a regular expression (for speed); it must take
+# exactly the times _iso_time_pattern() takes, the rule its error messages state.
+TIME_TEXTS = ["2026-02-01T09:00:00Z", "2026-02-01", "2026-02-01 09:00:00.123456+02:00", " 2026-02-01",
+              "2026-2-01 09:00", "\uff12\uff10\uff12\uff16-02-01", "20260-02-01", "+2026-02-01", "2026/02/01",
+              "2026-02-0", "2026-02-O1", "epoch", "infinity", "J2461073", ""]
+
+
+@pytest.mark.parametrize("field", ["start_time", "end_time"])
+@pytest.mark.parametrize("text", TIME_TEXTS, ids=[repr(t) for t in TIME_TEXTS])
+def test_ingest_takes_exactly_the_times_that_begin_with_an_iso_date(conn, world, field, text):
+    user = world["user"]
+    rule = conn.execute("SELECT %s ~ sessiontag._iso_time_pattern()", [text]).fetchone()[0]
+    times = {"start_time": "2026-01-01T00:00:00Z", "end_time": "2026-12-31T00:00:00Z", field: text}
+    spans = [span(user, "times", "a", start_time=times["start_time"], end_time=times["end_time"])]
+    if rule:
+        assert ingest(conn, spans) == 1
+        assert count(conn) == 1
+    else:
+        with pytest.raises(psycopg.errors.InvalidDatetimeFormat, match=rf"^spans\[0\]\.{field}: must be an ISO 8601"):
+            ingest(conn, spans)
+        assert count(conn) == 0
+
+
 def test_ingest_argument_errors(conn):
     with pytest.raises(psycopg.errors.NullValueNotAllowed, match="spans must not be NULL"):
         conn.execute("SELECT sessiontag.ingest_traces(NULL)")
