@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import psycopg
@@ -170,19 +171,31 @@ def test_backfill_beside_live_creators_of_the_same_keys(dsn):
                 assert old == sorted(old), "the old conversations keep their creation order"
 
 
+@contextmanager
+def last_user_held(dsn: str, users: list):
+    """Row locks on the conversations of the user the backfill reaches last (it goes by
+    user_id), held until the block ends: a run then cannot finish before the test stops it,
+    however fast it goes."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SELECT id FROM sessiontag.conversations WHERE user_id = %s FOR UPDATE", [max(users)])
+        yield
+        conn.rollback()
+
+
 def test_a_killed_backfill_leaves_a_consistent_state_and_a_second_run_finishes(dsn):
     with psycopg.connect(dsn, autocommit=True) as conn:
         model = register(conn)
         users = [uuid.uuid4() for _ in range(40)]
         for user in users:
             untagged(conn, user, model, 50)
-    process = subprocess.Popen([sys.executable, "-m", "sessiontag.cli", "--dsn", dsn, "backfill", "--batch-size", "20",
-                                "--progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stderr:  # a line per batch: kill it after a few, mid-run
-        if line.startswith("tagging: 100 of"):
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait()
+    with last_user_held(dsn, users):  # so the run cannot end before it is killed
+        process = subprocess.Popen([sys.executable, "-m", "sessiontag.cli", "--dsn", dsn, "backfill", "--batch-size",
+                                    "20", "--progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in process.stderr:  # a line per batch: kill it after a few, mid-run
+            if line.startswith("tagging: 100 of"):
+                process.send_signal(signal.SIGKILL)
+                break
+        process.wait()
     with psycopg.connect(dsn) as conn:
         done = conn.execute("SELECT count(session_id) FROM sessiontag.conversations").fetchone()[0]
         assert 100 <= done < 2000
@@ -201,16 +214,18 @@ def test_a_killed_backfill_leaves_a_consistent_state_and_a_second_run_finishes(d
 def test_ctrl_c_keeps_the_batches_done(dsn):
     with psycopg.connect(dsn, autocommit=True) as conn:
         model = register(conn)
-        for _ in range(30):
-            untagged(conn, uuid.uuid4(), model, 40)
-    process = subprocess.Popen([sys.executable, "-m", "sessiontag.cli", "--dsn", dsn, "backfill", "--batch-size", "10",
-                                "--progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stderr:
-        if line.startswith("tagging: 50 of"):
-            process.send_signal(signal.SIGINT)
-            break
-    rest = process.stderr.read()
-    assert process.wait() == 130
+        users = [uuid.uuid4() for _ in range(30)]
+        for user in users:
+            untagged(conn, user, model, 40)
+    with last_user_held(dsn, users):  # so the run cannot end before Ctrl-C
+        process = subprocess.Popen([sys.executable, "-m", "sessiontag.cli", "--dsn", dsn, "backfill", "--batch-size",
+                                    "10", "--progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in process.stderr:
+            if line.startswith("tagging: 50 of"):
+                process.send_signal(signal.SIGINT)
+                break
+        rest = process.stderr.read()
+        assert process.wait() == 130
     error = rest.strip().splitlines()[-1]
     assert error.startswith("error: interrupted: ") and "run the same command again" in error
     with psycopg.connect(dsn) as conn:
