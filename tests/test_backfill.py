@@ -218,8 +218,10 @@ def test_ctrl_c_keeps_the_batches_done(dsn):
         for user in users:
             untagged(conn, user, model, 40)
     with last_user_held(dsn, users):  # so the run cannot end before Ctrl-C
+        # SIGINT as at a terminal, even where this test runs with it ignored (a background job)
         process = subprocess.Popen([sys.executable, "-m", "sessiontag.cli", "--dsn", dsn, "backfill", "--batch-size",
-                                    "10", "--progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                    "10", "--progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         for line in process.stderr:
             if line.startswith("tagging: 50 of"):
                 process.send_signal(signal.SIGINT)
