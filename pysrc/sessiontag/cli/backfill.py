@@ -3,6 +3,8 @@ batch (one transaction) at a time, until none is left."""
 
 from __future__ import annotations
 
+import signal
+import signal
 import time
 
 import click
@@ -39,11 +41,12 @@ def backfill_cmd(state: State, user_id, model, batch_size: int, show_progress: b
         try:
             with progress(total, "tagging", "conversations", show_progress) as advance:
                 while True:
-                    done = _batch(client, user_id, model_id, batch_size)
+                    with _HeldCtrlC() as held:
+                        done = _batch(client, user_id, model_id, batch_size, held)
+                        numbered += done
+                        advance(done)
                     if done == 0:
                         break
-                    numbered += done
-                    advance(done)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted: {numbered} conversations were tagged and stay tagged; run the same"
                               " command again to tag the rest") from None
@@ -51,11 +54,45 @@ def backfill_cmd(state: State, user_id, model, batch_size: int, show_progress: b
                + ("" if numbered else ": none was left untagged"))
 
 
-def _batch(client, user_id, model_id, batch_size: int) -> int:
+class _HeldCtrlC:
+    """Ctrl-C while a batch runs cancels it, and nothing of it stays. Once the batch has
+    run, Ctrl-C is held back until it is committed and counted, then let through: the
+    count the interrupted backfill reports is what stays tagged. (With SIGINT ignored, as
+    in a background job, it stays ignored.)"""
+
+    def __enter__(self):
+        self._previous = signal.getsignal(signal.SIGINT)
+        self._pending = False
+        return self
+
+    def hold(self) -> None:
+        if self._previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self._note)
+
+    def release(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _note(self, signum, frame) -> None:
+        self._pending = True
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.release()
+        if self._pending and exc_type is None:
+            raise KeyboardInterrupt
+        return False
+
+
+def _batch(client, user_id, model_id, batch_size: int, held: _HeldCtrlC) -> int:
+    """One batch in a transaction of its own, run again after a deadlock or serialization
+    failure."""
     attempt = 0
     while True:
+        held.release()
         try:
-            return client.tag_untagged_conversations(user_id, model_id, batch_size)
+            with client.conn.transaction():
+                done = client.tag_untagged_conversations(user_id, model_id, batch_size)
+                held.hold()  # from here to the count, Ctrl-C waits
+            return done
         except DatabaseError as exc:
             attempt += 1
             if exc.sqlstate not in RETRYABLE or attempt == RETRIES:
