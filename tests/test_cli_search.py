@@ -186,7 +186,9 @@ def test_model_is_a_name_key_or_id_everywhere(demo_dsn):
         compared = cli_json(demo_dsn, "compare", "--model", given)
         assert [c["model_name"] for c in compared] == ["Llama 3.1 70B"], given
     untracked = sessiontag_cli("--dsn", demo_dsn, "models", "untrack", "Llama 3.1 70B")
-    assert untracked.stdout.strip() == f"model {llama.id}: not tracked", untracked.stderr
+    assert untracked.stdout.strip() == f"model Llama 3.1 70B (llama-3.1-70b, {llama.id}): not tracked", untracked.stderr
+    tracked = sessiontag_cli("--dsn", demo_dsn, "models", "track", str(llama.id))
+    assert tracked.stdout.strip() == f"model Llama 3.1 70B (llama-3.1-70b, {llama.id}): tracked", tracked.stderr
 
 
 def test_next_page_of_a_model_given_by_key_matches_the_same_spans(demo_dsn):

@@ -61,9 +61,10 @@ def _tracking_command(tracked: bool):
     @pass_state
     def command(state: State, model: str, owner_id: str | None) -> None:
         with state.client() as client:
-            model_id = resolve_model(client, model, owner_id).id
-            client.set_model_tracking(model_id, tracked)
-        click.echo(f"model {model_id}: {'tracked' if tracked else 'not tracked'}")
+            found = resolve_model(client, model, owner_id)
+            client.set_model_tracking(found.id, tracked)
+        named = ", ".join(str(part) for part in (found.model_key, found.id) if part)
+        click.echo(f"model {found.name} ({named}): {'tracked' if tracked else 'not tracked'}")
 
     return command
 
